@@ -1,0 +1,56 @@
+# make demo | make test | make data | make bench -- see README.md
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED_DATA ?= ../shared/data
+DATA_FILES := data/mixed_train_dataset.jsonl data/mixed_dev_dataset.jsonl
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+# tokenizers 0.13.3 (needed by transformers 4.33.3, the last release ChatGLM-6B's code runs on)
+# has wheels only up to Python 3.11, so prefer 3.11/3.10 over a newer default python3.
+PYTHON ?= $(shell for p in python3.11 python3.10 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 11))' \
+	2>/dev/null && { echo $$p; break; }; done)
+
+.PHONY: venv data system-deps test test-fast lint demo app bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	@if [ -z "$(PYTHON)" ]; then \
+		echo "error: need Python 3.10 or 3.11 (tokenizers 0.13.3, required by transformers 4.33.3, has no wheels"; \
+		echo "       for newer Pythons). Install python3.11 (e.g. pyenv install 3.11) and rerun, or pass PYTHON=/path."; \
+		exit 1; fi
+	@echo "creating $(VENV) with $(PYTHON) ($$($(PYTHON) --version))"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(PY) -c "import torch, transformers, peft, streamlit; print('installed torch', torch.__version__, 'transformers', transformers.__version__)"
+	@touch $@
+
+data: $(DATA_FILES)
+
+data/%.jsonl:
+	@mkdir -p data
+	@if [ -f "$(SHARED_DATA)/$*.jsonl" ]; then cp "$(SHARED_DATA)/$*.jsonl" $@ && echo "copied $(SHARED_DATA)/$*.jsonl -> $@"; \
+	else echo "error: $@ is missing and $(SHARED_DATA)/$*.jsonl does not exist."; \
+		echo "       Put the reference files (mixed_train_dataset.jsonl, mixed_dev_dataset.jsonl, from the ChatGLM-6B"; \
+		echo "       LoRA tutorial's data/ folder) into data/, or run: make data SHARED_DATA=/path/to/folder"; exit 1; fi
+
+# Debian chromium for the browser tests and a CJK font for Chinese plot labels.
+system-deps:
+	@if command -v chromium >/dev/null 2>&1 && fc-list 2>/dev/null | grep -qi "noto sans cjk"; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk >/dev/null; \
+	else echo "error: install chromium and fonts-noto-cjk: sudo apt-get install -y chromium fonts-noto-cjk"; exit 1; fi
+
+test: venv data system-deps
+	$(PY) -m pytest -q
+
+test-fast: venv data
+	$(PY) -m pytest -q -m "not slow and not e2e"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
