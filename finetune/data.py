@@ -12,8 +12,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 CLASSIFICATION = "classification"
 EXTRACTION = "extraction"
 TASKS = (CLASSIFICATION, EXTRACTION)
@@ -223,7 +221,9 @@ class PadToLongestCollator:
     pad_token_id: int
     with_attention_mask: bool = True
 
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict]) -> dict:
+        import torch  # here, so the rest of this module stays importable from pure code
+
         longest = max(len(f["input_ids"]) for f in features)
         input_ids, labels, mask = [], [], []
         for f in features:

@@ -241,6 +241,8 @@ def train(cfg: TrainConfig) -> Path:
     schema = D.derive_schema(train_rows)
     schema["family"] = family.name
     schema["answer_tokens"] = D.answer_token_budget(train_rows, tokenizer)
+    # Serving cuts prompts the way training did and never generates past the longest answer.
+    schema["max_source_len"], schema["max_target_len"] = cfg.max_source_len, cfg.max_target_len
     train_set = D.tokenize_examples(train_rows, tokenizer, family, cfg.max_source_len, cfg.max_target_len)
     dev_set = D.tokenize_examples(dev_rows, tokenizer, family, cfg.max_source_len, cfg.max_target_len)
     total_steps, eval_steps = auto_eval_steps(cfg, len(train_set), world_size)
