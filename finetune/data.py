@@ -142,6 +142,8 @@ def load_split(data_dir: str | Path, name: str) -> list[Example]:
 
 def derive_schema(examples: list[Example]) -> dict:
     """The label set, predicate types and prompt layout the model is trained on (saved as schema.json)."""
+    if not examples:
+        raise DataError("no training rows to derive the schema (labels, predicates, prompt layout) from")
     labels = sorted({label for ex in examples if ex.task == CLASSIFICATION for label in ex.answer})
     predicates: dict[str, dict[str, list[str]]] = {}
     for ex in examples:
@@ -198,6 +200,11 @@ def tokenize_example(example: Example, tokenizer, family, max_source_len: int, m
 
 def tokenize_examples(examples, tokenizer, family, max_source_len: int, max_target_len: int) -> list[dict]:
     return [tokenize_example(ex, tokenizer, family, max_source_len, max_target_len) for ex in examples]
+
+
+def count_cut_answers(examples: list[Example], tokenizer, max_target_len: int) -> int:
+    """Rows whose answer does not fit max_target_len: the model learns to stop mid-answer on them."""
+    return sum(len(tokenizer.encode(ex.target, add_special_tokens=False)) + 1 > max_target_len for ex in examples)
 
 
 def answer_token_budget(examples: list[Example], tokenizer) -> dict[str, int]:

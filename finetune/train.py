@@ -246,6 +246,13 @@ def train(cfg: TrainConfig) -> Path:
     train_set = D.tokenize_examples(train_rows, tokenizer, family, cfg.max_source_len, cfg.max_target_len)
     dev_set = D.tokenize_examples(dev_rows, tokenizer, family, cfg.max_source_len, cfg.max_target_len)
     total_steps, eval_steps = auto_eval_steps(cfg, len(train_set), world_size)
+    cut = D.count_cut_answers(train_rows, tokenizer, cfg.max_target_len)
+    if cut and is_main:
+        print(
+            f"warning: {cut} of {len(train_rows)} training answers are longer than --max-target-len "
+            f"{cfg.max_target_len} tokens and are cut; raise it if memory allows",
+            flush=True,
+        )
 
     resolved = {
         **asdict(cfg),
@@ -258,6 +265,7 @@ def train(cfg: TrainConfig) -> Path:
         "n_train": len(train_set),
         "n_dev": len(dev_set),
         "total_steps": total_steps,
+        "answers_cut": cut,
         "eval_steps": eval_steps,
         "torch": torch.__version__,
     }

@@ -137,3 +137,17 @@ def test_collator_pads_to_longest_row_of_the_batch():
     assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 0, 0]]))
     no_mask = D.PadToLongestCollator(pad_token_id=3, with_attention_mask=False)
     assert "attention_mask" not in no_mask([{"input_ids": [1], "labels": [1]}])
+
+
+def test_schema_needs_rows_and_cut_answers_are_counted(tiny_base, data_dir):
+    from transformers import AutoTokenizer
+
+    with pytest.raises(D.DataError, match="no training rows"):
+        D.derive_schema([])
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    train = D.load_split(data_dir, "train")
+    longest = max(len(tok.encode(ex.target, add_special_tokens=False)) for ex in train)
+    assert D.count_cut_answers(train, tok, longest + 1) == 0
+    assert D.count_cut_answers(train, tok, longest) >= 1  # the longest answer plus its end token no longer fit
+    # '["水果"]' is 6 tokens + end token: fits in 8; every extraction answer is longer.
+    assert D.count_cut_answers(train, tok, 8) == 500
