@@ -30,6 +30,8 @@ def build_parser(cls, description: str) -> argparse.ArgumentParser:
     for field in dataclasses.fields(cls):
         tp = _base_type(hints[field.name])
         help_text = field.metadata.get("help", "")
+        if field.default is not dataclasses.MISSING and field.default is not None:
+            help_text = f"{help_text} (default: {field.default})".strip()
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         # SUPPRESS: an option the user did not give stays absent, so a YAML preset can set it.
         kwargs = {"default": argparse.SUPPRESS, "help": help_text}

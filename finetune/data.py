@@ -162,6 +162,8 @@ def derive_schema(examples: list[Example]) -> dict:
         "labels": labels,
         "predicates": {name: predicates[name] for name in sorted(predicates)},
         "triple_keys": list(TRIPLE_KEYS),
+        # Serving never emits more triples than the most a training answer had.
+        "max_triples": max((len(ex.answer) for ex in examples if ex.task == EXTRACTION), default=0),
         "prompt": {
             "template": PROMPT_TEMPLATE,
             "instruction": instructions.most_common(1)[0][0],

@@ -1,4 +1,4 @@
-"""LoRA (or full) fine-tuning on {context, target} jsonl with transformers Trainer + peft.
+r"""LoRA (or full) fine-tuning on {context, target} jsonl with transformers Trainer + peft.
 
     python -m finetune.train --base-model DIR --data-dir data --output-dir runs/NAME \
         [--config finetune/configs/X.yaml] [--method lora|full] [--epochs N] [--max-steps N] [--resume]

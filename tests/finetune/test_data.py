@@ -86,6 +86,7 @@ def test_reference_data_tasks_and_schema(data_dir):
     assert schema["labels"] == sorted(["水果", "衣服", "洗浴", "平板", "酒店", "书籍", "电脑", "蒙牛"])
     assert len(schema["predicates"]) == 44
     assert schema["predicates"]["主演"] == {"subject_type": ["影视作品"], "object_type": ["人物"]}
+    assert schema["max_triples"] == 10
     assert len(schema["prompt"]["phrasings"][D.CLASSIFICATION]) == 3
     assert len(schema["prompt"]["phrasings"][D.EXTRACTION]) == 12
     # Every training context is rebuilt exactly from the stored layout.

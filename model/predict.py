@@ -1,0 +1,159 @@
+"""Batched prediction: texts -> Predictions (category + triples) with the exact training prompts.
+
+Rows are sorted by length and generated in left-padded batches with the KV cache; each comment
+gets both answers (its category and its triples). Decoding is constrained by default (see
+model.decoding), so answers are always well-formed; `constrained=False` is kept for comparison.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from finetune.data import truncate_prompt
+from model import decoding
+from model.load import LoadedModel
+from model.parsing import Triple, format_category, parse_category, parse_triples
+from model.prompts import CLASSIFICATION, EXTRACTION, build_prompt
+
+TASKS = (CLASSIFICATION, EXTRACTION)
+DEFAULT_MAX_NEW_TOKENS = {CLASSIFICATION: 16, EXTRACTION: 300}
+MAX_TEXT_CHARS = 2000  # longer texts are cut (with a warning) before prompting
+
+
+@dataclass
+class Prediction:
+    text: str
+    category: str | None = None
+    triples: list[Triple] = field(default_factory=list)
+    raw: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+    # Per task: the answer parsed in the training format with no repair, and whether it hit the token limit.
+    well_formed: dict[str, bool] = field(default_factory=dict)
+    hit_limit: dict[str, bool] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["triples"] = [t.to_dict() for t in self.triples]
+        return data
+
+
+def max_new_tokens_for(schema: dict, task: str) -> int:
+    """The longest training answer (in tokens, end token included) bounds generation."""
+    budget = schema.get("answer_tokens", {}).get(task, DEFAULT_MAX_NEW_TOKENS[task])
+    return min(int(budget), int(schema.get("max_target_len", budget)))
+
+
+def prompt_ids(lm: LoadedModel, text: str, task: str, phrasing: str | None = None) -> list[int]:
+    """Token ids a generate() call starts from, cut the way training cut long prompts."""
+    ids = lm.tokenizer.encode(build_prompt(lm.schema, text, task, phrasing), add_special_tokens=False)
+    ids = truncate_prompt(ids, int(lm.schema.get("max_source_len", len(ids))))
+    return lm.family.build_generation_ids(lm.tokenizer, ids)
+
+
+def clean_text(text: object) -> tuple[str | None, list[str], str | None]:
+    """(text to label, warnings, error): empty texts are errors, over-long ones are cut."""
+    if text is None or (isinstance(text, float) and text != text):  # None or NaN from pandas
+        return None, [], "empty text"
+    text = str(text).strip()
+    if not text:
+        return None, [], "empty text"
+    if len(text) > MAX_TEXT_CHARS:
+        return text[:MAX_TEXT_CHARS], [f"text cut to its first {MAX_TEXT_CHARS} of {len(text)} characters"], None
+    return text, [], None
+
+
+def generate_answers(
+    lm: LoadedModel,
+    texts: Sequence[str],
+    task: str,
+    batch_size: int = 8,
+    constrained: bool = True,
+    max_new_tokens: int | None = None,
+    phrasing: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[tuple[str, bool]]:
+    """Answer text and whether it hit max_new_tokens, for each text, in input order."""
+    import torch
+
+    tok = lm.tokenizer
+    budget = max_new_tokens or max_new_tokens_for(lm.schema, task)
+    end_id = lm.family.end_token_id(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
+    rows = [prompt_ids(lm, text, task, phrasing) for text in texts]
+    max_triples = int(lm.schema.get("max_triples") or 16)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+    answers: list[tuple[str, bool]] = [("", False)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        longest = max(len(rows[i]) for i in chunk)
+        input_ids = torch.tensor([[pad_id] * (longest - len(rows[i])) + rows[i] for i in chunk], device=lm.device)
+        mask = torch.tensor([[0] * (longest - len(rows[i])) + [1] * len(rows[i]) for i in chunk], device=lm.device)
+        with lm.lock, torch.no_grad():
+            if constrained:
+                constraints = [
+                    decoding.CategoryConstraint(lm.schema["labels"])
+                    if task == CLASSIFICATION
+                    else decoding.TripleConstraint(lm.schema, texts[i], max_triples=max_triples)
+                    for i in chunk
+                ]
+                generated = decoding.constrained_generate(
+                    lm.model, tok, input_ids, mask, constraints, budget, end_id, pad_id
+                )
+            else:
+                generated = decoding.unconstrained_generate(lm.model, tok, input_ids, mask, budget, end_id, pad_id)
+        for i, ids in zip(chunk, generated, strict=True):
+            answers[i] = (decoding.decode_answer(tok, ids), len(ids) >= budget)
+        if on_batch:
+            on_batch(len(chunk))
+    return answers
+
+
+def predict(
+    lm: LoadedModel,
+    texts: Sequence[object],
+    tasks: Sequence[str] = TASKS,
+    batch_size: int = 8,
+    constrained: bool = True,
+    phrasing: dict[str, str] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Prediction]:
+    """One Prediction per text, in order. Empty texts get an error, never an exception."""
+    started = time.time()
+    predictions = []
+    for raw_text in texts:
+        text, warnings, error = clean_text(raw_text)
+        predictions.append(Prediction(text=text or "", warnings=warnings, error=error))
+    valid = [i for i, p in enumerate(predictions) if p.error is None]
+    total_steps, done = len(valid) * len(tasks), 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_progress:
+            on_progress(done, total_steps)
+
+    for task in tasks:
+        answers = generate_answers(
+            lm, [predictions[i].text for i in valid], task, batch_size, constrained,
+            phrasing=(phrasing or {}).get(task), on_batch=progress,
+        )
+        for i, (answer, hit_limit) in zip(valid, answers, strict=True):
+            pred = predictions[i]
+            pred.raw[task], pred.hit_limit[task] = answer, hit_limit
+            if task == CLASSIFICATION:
+                parsed = parse_category(answer, lm.schema["labels"])
+                pred.category = parsed.label
+                pred.well_formed[task] = parsed.label is not None and answer == format_category(parsed.label)
+            else:
+                parsed = parse_triples(answer, lm.schema, pred.text)
+                pred.triples = list(parsed.triples)
+                pred.well_formed[task] = parsed.ok
+            pred.warnings.extend(f"{task}: {w}" for w in parsed.warnings)
+    per_text = (time.time() - started) / max(1, len(valid))
+    for i in valid:
+        predictions[i].seconds = per_text
+    return predictions
