@@ -8,10 +8,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and spinning OpenMP threads slow a loaded 2-core box
+# by an order of magnitude; subprocesses (torchrun, CLIs, the app) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 from finetune.data import DEV_FILE, TRAIN_FILE  # noqa: E402
 
