@@ -23,6 +23,15 @@ How it works
   is allowed only if `cost(state after it) + 1 <= tokens left after it`; since some allowed token
   always lowers the cost by one, an answer can never run into max_new_tokens unfinished. Near the
   end of the budget this leaves only the closing moves: finish the current span, no new triple.
+- The schema part of an automaton (its nodes and their static costs, `Skeleton`) is built once per
+  schema and vocabulary; only the text tables are built per row.
+- Generation (`constrained_generate`): for Llama-like decoder-only models, `JumpForwardDecoder` runs
+  its own greedy loop over the KV cache. Tokens that have only one possible value (the JSON
+  skeleton, keys, the rest of a label or type once chosen: ~90% of answer tokens) are appended
+  without a forward pass of their own; each pass feeds a row's chosen token plus the forced run
+  after it. With a char vocabulary it picks exactly the tokens of token-by-token decoding. ChatGLM
+  (2D positions and masks built from <sop> in its remote code) and calls with generate() options
+  keep HF generate() with GrammarLogitsProcessor, one token per pass (`jump_forward=False` forces it).
 """
 
 from __future__ import annotations
@@ -109,13 +118,16 @@ class Automaton:
         max_triples: int = 0,
         tok_cost=len,
         atomic=None,
+        skeleton: Skeleton | None = None,
     ):
-        self.nodes = list(nodes)
+        # The text-independent part (nodes checked prefix-free, static costs) is shared when the caller
+        # passes a cached Skeleton built from these very nodes with this tok_cost.
+        if skeleton is None or skeleton.nodes is not nodes or skeleton.tok_cost is not tok_cost:
+            skeleton = Skeleton(nodes, tok_cost)
+        self.nodes = skeleton.nodes
         self.text = text
         self.max_triples = max_triples
         self.tok_cost = tok_cost
-        for node in self.nodes:
-            _check_prefix_free([o.text for o in node.options])
         ok = [copyable(ch) and (atomic is None or atomic(ch)) for ch in text]
         # run_end[i]: first position >= i that a span cannot copy, so text[e:e+k] is copyable iff e+k <= run_end[e].
         self._run_end = [len(text)] * (len(text) + 1)
@@ -128,7 +140,7 @@ class Automaton:
         self._first = {ch: tuple(ends) for ch, ends in first.items()}
         self._starts = tuple(i for i in range(len(text)) if ok[i])
         self._lstar = self._shortest_free_subject_lengths(ok)
-        self.node_cost = self._static_costs()
+        self.node_cost = skeleton.static_costs(1 if self._starts else INF)
         self.start = start
 
     # ---------------------------------------------------------------- transitions
@@ -303,10 +315,31 @@ class Automaton:
     def _starts_of_length(self, ok: list[bool], length: int) -> list[int]:
         return [i for i in range(len(self.text) - length + 1) if i + length <= self._run_end[i] and ok[i]]
 
-    def _static_costs(self) -> list[float]:
+
+class Skeleton:
+    """The text-independent part of an automaton: its nodes (checked prefix-free once) and, per smallest
+    span cost (1, or inf for a text with nothing copyable), the fewest tokens from each node to the end.
+
+    A schema's skeleton is the same for every row, so constraints cache it per Vocab (`Vocab.skeletons`):
+    building it was 3-5% of labelling time when it was rebuilt for each row.
+    """
+
+    def __init__(self, nodes: Sequence[Node], tok_cost=len):
+        self.nodes = tuple(nodes)
+        self.tok_cost = tok_cost
+        for node in self.nodes:
+            _check_prefix_free([o.text for o in node.options])
+        self._costs: dict[float, tuple[float, ...]] = {}
+
+    def static_costs(self, span_min: float) -> tuple[float, ...]:
+        costs = self._costs.get(span_min)
+        if costs is None:
+            costs = self._costs[span_min] = tuple(self._static_costs(span_min))
+        return costs
+
+    def _static_costs(self, span_min: float) -> list[float]:
         """Fewest tokens from entering each node to the end, ignoring the repeat ban (Bellman-Ford: the
         triple list is a cycle, but its cheapest exit is always closing the list)."""
-        span_min = 1 if self._starts else INF
         cost = [INF] * len(self.nodes)
         for _ in range(len(self.nodes) + 1):
             changed = False
@@ -352,6 +385,19 @@ class Constraint:
         raise NotImplementedError
 
 
+def _cached_skeleton(vocab: Vocab | None, key: tuple, build) -> Skeleton:
+    """The Skeleton of `build(lead)` for this vocabulary, built once per key (always afresh without a vocab)."""
+    if vocab is None:
+        return Skeleton(build(""), len)
+    skeleton = vocab.skeletons.get(key)
+    if skeleton is None:
+        skeleton = Skeleton(build(vocab.lead), vocab.tok_cost)
+        if len(vocab.skeletons) >= 64:  # a process serves a handful of schemas; never grow without bound
+            vocab.skeletons.clear()
+        vocab.skeletons[key] = skeleton
+    return skeleton
+
+
 def _vocab_kwargs(vocab: Vocab | None) -> dict:
     if vocab is None:
         return {"tok_cost": len, "atomic": None}
@@ -368,9 +414,12 @@ class CategoryConstraint(Constraint):
         self.labels = labels
 
     def automaton(self, vocab: Vocab | None = None) -> Automaton:
+        skeleton = _cached_skeleton(vocab, ("category", tuple(self.labels)), self._nodes)
+        return Automaton(skeleton.nodes, start=0, skeleton=skeleton, **_vocab_kwargs(vocab))
+
+    def _nodes(self, lead: str) -> list[Node]:
         answers = [(json.dumps([label], ensure_ascii=False), 1) for label in self.labels]
-        nodes = [_start_node(answers, vocab.lead if vocab else ""), Node(END)]
-        return Automaton(nodes, start=0, **_vocab_kwargs(vocab))
+        return [_start_node(answers, lead), Node(END)]
 
 
 class TripleConstraint(Constraint):
@@ -390,11 +439,24 @@ class TripleConstraint(Constraint):
         self.max_triples = max_triples
 
     def automaton(self, vocab: Vocab | None = None) -> Automaton:
+        """The schema part (every node) is built once per schema and vocabulary; only the text tables per row."""
+        key = tuple((name, tuple(e["object_type"]), tuple(e["subject_type"])) for name, e in self.predicates.items())
+        skeleton = _cached_skeleton(vocab, ("triple", key), self._nodes)
+        return Automaton(
+            skeleton.nodes,
+            start=1,
+            text=self.text,
+            max_triples=self.max_triples,
+            skeleton=skeleton,
+            **_vocab_kwargs(vocab),
+        )
+
+    def _nodes(self, lead: str) -> list[Node]:
         end, start, list_open, list_more, pred, obj, after_obj, subj, after_subj = range(9)
         close_list = "]" + JSON_FENCE_CLOSE
         new_triple = '{"predicate": "'
         nodes: list[Node] = [Node(END)] * 9
-        nodes[start] = _start_node([(JSON_FENCE_OPEN + "[", list_open)], vocab.lead if vocab else "")
+        nodes[start] = _start_node([(JSON_FENCE_OPEN + "[", list_open)], lead)
         nodes[list_open] = Node(CHOICE, (Option(close_list, end), Option(new_triple, pred, opens_triple=True)))
         nodes[list_more] = Node(CHOICE, (Option(close_list, end), Option(", " + new_triple, pred, opens_triple=True)))
         pred_options = []
@@ -415,7 +477,8 @@ class TripleConstraint(Constraint):
         nodes[after_obj] = Node(CHOICE, (Option('", "subject": "', subj),), in_triple=True)
         nodes[subj] = Node(SPAN, next=after_subj, role=SUBJECT)
         nodes[after_subj] = Node(CHOICE, (Option('"}', list_more),))
-        return Automaton(nodes, start=start, text=self.text, max_triples=self.max_triples, **_vocab_kwargs(vocab))
+        assert start == 1  # automaton() relies on it
+        return nodes
 
 
 # --------------------------------------------------------------------------- vocabulary trie
@@ -470,8 +533,12 @@ class Vocab:
             node.setdefault(IDS, []).append(token_id)
             if len(text) == 1:
                 self.single.add(text)
+        self._prefer_ordinary_pieces(tokenizer)
         self.lead = self._leading_prefix(tokenizer)
         self.tok_cost = lru_cache(maxsize=65536)(self._tok_cost)
+        self.split = lru_cache(maxsize=65536)(self._split)
+        self.spell = lru_cache(maxsize=65536)(self._spell)
+        self.skeletons: dict[tuple, Skeleton] = {}  # per-schema automaton parts (see _cached_skeleton)
 
     def is_atomic(self, ch: str) -> bool:
         return ch in self.single
@@ -486,6 +553,18 @@ class Vocab:
         lead = joined[: -len(probe)] if joined.endswith(probe) else ""
         return lead if lead.strip() == "" else ""
 
+    def _prefer_ordinary_pieces(self, tokenizer) -> None:
+        """Where several tokens share a string, list first the one a tokenizer would write: not a
+        sentencepiece byte-fallback piece ('<0x20>' for ' '), then the lowest id. `split` spells with it."""
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            ids = node.get(IDS)
+            if ids and len(ids) > 1:
+                byte = dict(zip(ids, map(_is_byte_piece, tokenizer.convert_ids_to_tokens(ids)), strict=True))
+                ids.sort(key=lambda i: (byte[i], i))
+            stack.extend(child for ch, child in node.items() if ch != IDS)
+
     def _tok_cost(self, text: str) -> float:
         """Fewest tokens whose strings concatenate to exactly `text` (inf if none)."""
         best = [INF] * len(text) + [0]
@@ -499,10 +578,69 @@ class Vocab:
                     best[i] = best[j + 1] + 1
         return best[0]
 
+    def _split(self, text: str) -> tuple[int, ...] | None:
+        """Token ids spelling exactly `text` in the fewest tokens (tok_cost of them), None if impossible.
+
+        Among equally short spellings the one with the longest first piece, then the longest second...
+        (greedy longest match, what BPE/unigram tokenizers mostly write for JSON punctuation and keys).
+        """
+        best = [INF] * len(text) + [0]
+        piece: list[list[int] | None] = [None] * len(text)
+        ends = [0] * len(text)
+        for i in range(len(text) - 1, -1, -1):
+            node = self.root
+            for j in range(i, len(text)):
+                node = node.get(text[j])
+                if node is None:
+                    break
+                # <= : a later j (longer piece) wins ties.
+                if IDS in node and best[j + 1] + 1 <= best[i]:
+                    best[i], piece[i], ends[i] = best[j + 1] + 1, node[IDS], j + 1
+        if best[0] == INF:
+            return None
+        ids, i = [], 0
+        while i < len(text):
+            ids.append(piece[i][0])
+            i = ends[i]
+        return tuple(ids)
+
+    def _spell(self, text: str, closed: bool) -> tuple[tuple[int, ...], int]:
+        """The tokens of `split(text)` that may be forced, and how many characters they cover.
+
+        Unless the text is the end of the answer (`closed`), stop at the first token boundary where the
+        rest of the text is a proper prefix of some token: a token that runs past the text into what
+        comes next ('```json\n[{"' after the literal '```json\n[') could start there, and token-by-token
+        decoding would let the model pick it. A char vocabulary never stops.
+        """
+        ids = self.split(text)
+        if ids is None:
+            return (), 0
+        if closed:
+            return ids, len(text)
+        pos = 0
+        for k, token_id in enumerate(ids):
+            if self._runs_past(text, pos):
+                return ids[:k], pos
+            pos += len(self.strings[token_id])
+        return ids, pos
+
+    def _runs_past(self, text: str, start: int) -> bool:
+        """Whether some token string is text[start:] followed by at least one more character."""
+        node = self.root
+        for ch in text[start:]:
+            node = node.get(ch)
+            if node is None:
+                return False
+        return any(key != IDS for key in node)
+
     def decode(self, ids: Sequence[int]) -> str:
         """The answer text exactly as the automaton saw it, without the leading dummy-prefix space."""
         text = "".join(self.strings[i] or "" for i in ids)
         return text[len(self.lead) :] if self.lead and text.startswith(self.lead) else text
+
+
+def _is_byte_piece(piece: str | None) -> bool:
+    return bool(piece) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
 def decode_answer(tokenizer, ids: Sequence[int]) -> str:
@@ -545,6 +683,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.automata = [c.automaton(self.vocab) for c in constraints]
         self.states: list[State | None] = [a.initial() for a in self.automata]  # None: row is finished
         self.pending: list[dict[int, State]] = [{} for _ in constraints]
+        self.counts = [0] * len(constraints)  # tokens each row has generated so far
         self.prompt_length = prompt_length
         self.max_new_tokens = max_new_tokens
         self.end_token_id = end_token_id
@@ -597,6 +736,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
                 if token == self.end_token_id:
                     self.states[row] = None
                     continue
+                self.counts[row] += 1
                 nxt = self.pending[row].get(token)
                 if nxt is None:  # not chosen through this processor (another one overrode it): spell it out
                     nxt = self.automata[row].feed(state, self.vocab.strings[token] or "\0")
@@ -613,7 +753,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         if not allowed:
             # max_new_tokens is below even the shortest answer: still make progress towards it.
             allowed = self._collect(automaton, state, automaton.cost(state) - 1)
-        if self.consumed == 0 and self.vocab.lead:
+        if self.counts[row] == 0 and self.vocab.lead:
             # The dummy-prefix space may only come inside a longer first piece ('▁```'), which decode()
             # drops; a lone space token (sentencepiece's '<0x20>' byte) would decode to a real space.
             allowed = {i: st for i, st in allowed.items() if self.vocab.strings[i] != self.vocab.lead}
@@ -665,6 +805,47 @@ def _answers(sequences: torch.Tensor, prompt_length: int, end_token_id: int, pad
     return out
 
 
+# Generation settings of a model's generation_config that change which token greedy decoding picks
+# (value = the neutral default). HF generate() applies them on its own; the jump-forward loop does not,
+# so a model that sets any of them is decoded through generate() instead.
+_LOGITS_SETTINGS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_decoder_ids": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+}
+
+
+def jump_forward_unsupported(model) -> str | None:
+    """Why `model` must be decoded through HF generate() + GrammarLogitsProcessor (None: jump-forward works).
+
+    Jump-forward needs a decoder-only model whose forward takes input_ids, a 2D attention_mask over past +
+    new tokens, position_ids and past_key_values (Llama-like). ChatGLM-6B (model_type 'chatglm', also
+    ChatGLM2/3) builds its own 2D position ids and prefix-bidirectional mask from the <sop> token inside
+    its remote code; feeding it several tokens after the cache cannot be reproduced safely here.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "chatglm":
+        return "ChatGLM builds its 2D position ids and attention mask from <sop> in its own code"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    generation_config = getattr(model, "generation_config", None)
+    for name, neutral in _LOGITS_SETTINGS.items():
+        if getattr(generation_config, name, neutral) not in (neutral, None, [], ()):
+            return f"its generation_config sets {name}, which only generate() applies"
+    return None
+
+
 def constrained_generate(
     model,
     tokenizer,
@@ -674,10 +855,26 @@ def constrained_generate(
     max_new_tokens: int,
     end_token_id: int,
     pad_token_id: int,
+    jump_forward: bool | None = None,
     **generate_kwargs,
 ) -> list[list[int]]:
-    """Greedy generation of a LEFT-padded batch, one constraint per row; answer ids without prompt or end token."""
+    """Greedy generation of a LEFT-padded batch, one constraint per row; answer ids without prompt or end token.
+
+    jump_forward: None (default) = the jump-forward loop (`JumpForwardDecoder`) when the model supports it
+    (`jump_forward_unsupported`) and no generate() options are given, else HF generate() with the
+    GrammarLogitsProcessor, one token per forward pass (always the case for ChatGLM); True = require
+    jump-forward; False = always generate().
+    """
     processor = GrammarLogitsProcessor(tokenizer, constraints, input_ids.shape[1], max_new_tokens, end_token_id)
+    reason = jump_forward_unsupported(model) or (
+        f"generate() options {sorted(generate_kwargs)}" if generate_kwargs else None
+    )
+    if jump_forward is None:
+        jump_forward = reason is None
+    if jump_forward:
+        if reason is not None:
+            raise ValueError(f"jump-forward decoding is not available: {reason}")
+        return JumpForwardDecoder(model, processor, max_new_tokens, pad_token_id).run(input_ids, attention_mask)
     with torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids,
@@ -692,6 +889,218 @@ def constrained_generate(
             **generate_kwargs,
         )
     return _answers(sequences, input_ids.shape[1], end_token_id, pad_token_id)
+
+
+class JumpForwardDecoder:
+    """Constrained greedy decoding that feeds forced tokens without a forward pass of their own.
+
+    Most answer tokens have only one possible value (the JSON skeleton, keys, the rest of a label or
+    type once its first characters are chosen). Each forward pass feeds, per row, the token chosen from
+    the previous pass plus the run of forced tokens after it, and the next token is picked greedily,
+    among the allowed ones, from the logits at the row's last fed position. A token is forced when
+    - the automaton is inside literal text (a choice with one live option): the option's rest is
+      spelled with its cheapest token split (`Vocab.split`: exactly the tokens `tok_cost` charged to the
+      budget), one option after the other. Where a token could run past the literal into what follows
+      ('```json\n[{"' when the literal ends at '[') and the grammar allows one, that boundary is left
+      to the model (`Vocab.spell`), as token-by-token decoding would;
+    - or exactly one token is allowed (what GrammarLogitsProcessor would leave: e.g. the budget only
+      lets a span close);
+    - or none is: the end token, which finishes the row without being fed.
+    With a vocabulary where each literal character has one token (the tiny char models) this picks
+    exactly the tokens of token-by-token decoding. With multi-character tokens, token-by-token decoding
+    lets the model choose among the splits of a literal (' "' or ' ' + '"'); this spells the cheapest,
+    so answers may differ (always valid, in budget).
+
+    The budget rule is unchanged (forced tokens count like any other: a row stops at max_new_tokens).
+    The first pass feeds the left-padded prompts plus each row's first forced run (positions =
+    cumsum(attention_mask) - 1, pads at 1, as generate() builds them); later passes left-pad the rows'
+    runs to the longest and mask the pads out. Finished rows leave the batch and the cache.
+    """
+
+    def __init__(self, model, processor: GrammarLogitsProcessor, max_new_tokens: int, pad_token_id: int):
+        self.model = model
+        self.p = processor
+        self.max_new_tokens = max_new_tokens
+        self.pad_token_id = pad_token_id
+        self.out: list[list[int]] = [[] for _ in processor.automata]
+        self.passes = 0  # forward passes run, for measurements
+        self.head = _split_head(model)
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
+        if input_ids.shape[0] != len(self.out):
+            raise ValueError(f"batch has {input_ids.shape[0]} rows but {len(self.out)} constraints")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        device = input_ids.device
+        active = [row for row in range(len(self.out)) if self._force(row)]
+        if not active:
+            return self.out
+        # First pass: each row's prompt (with its own padding) and its first forced run, aligned on the right.
+        extra = max(len(self.out[row]) for row in active)
+        width = input_ids.shape[1] + extra
+        ids = torch.full((len(active), width), self.pad_token_id, dtype=input_ids.dtype, device=device)
+        mask = torch.zeros((len(active), width), dtype=attention_mask.dtype, device=device)
+        for i, row in enumerate(active):
+            run = self.out[row]
+            start = extra - len(run)
+            ids[i, start : start + input_ids.shape[1]] = input_ids[row]
+            mask[i, start : start + input_ids.shape[1]] = attention_mask[row]
+            if run:
+                ids[i, width - len(run) :] = torch.tensor(run, dtype=ids.dtype, device=device)
+                mask[i, width - len(run) :] = 1
+        past = None
+        with torch.no_grad():
+            while True:
+                logits, past = self._forward(ids, mask, past)
+                feeds = self._decide(active, logits)
+                keep = [i for i, row in enumerate(active) if feeds[row]]
+                if not keep:
+                    return self.out
+                if len(keep) < len(active):
+                    past, mask, active = self._shrink(past, mask, keep), mask[keep], [active[i] for i in keep]
+                # Next pass: each row's chosen token and forced run, left-padded to the longest.
+                width = max(len(feeds[row]) for row in active)
+                ids = torch.full((len(active), width), self.pad_token_id, dtype=ids.dtype, device=device)
+                new_mask = torch.zeros((len(active), width), dtype=mask.dtype, device=device)
+                for i, row in enumerate(active):
+                    ids[i, width - len(feeds[row]) :] = torch.tensor(feeds[row], dtype=ids.dtype, device=device)
+                    new_mask[i, width - len(feeds[row]) :] = 1
+                mask = torch.cat([mask, new_mask], dim=1)
+
+    # ---------------------------------------------------------------- grammar side
+
+    def _force(self, row: int) -> bool:
+        """Append the row's forced tokens; True if it then needs a choice (its allowed set is in p.pending)."""
+        p, out = self.p, self.out[row]
+        automaton = p.automata[row]
+        while True:
+            state = p.states[row]
+            room = self.max_new_tokens - len(out)
+            if state is None or room <= 0 or automaton.is_final(state):  # the end token, or out of budget
+                p.states[row] = None
+                return False
+            allowed = None
+            literal = self._literal(row, state)
+            if literal is not None:
+                text, after = literal
+                tokens, n_chars = p.vocab.spell(text, automaton.is_final(after))
+                if not tokens:
+                    # A token running past the literal could start here: a choice if the grammar allows one.
+                    allowed = p._allowed(row, state, room)
+                    spelled = p.vocab.split(text)
+                    if spelled and allowed and all(len(p.vocab.strings[t]) <= len(text) for t in allowed):
+                        tokens = spelled[:1]
+                        n_chars = len(p.vocab.strings[tokens[0]])
+                if tokens:
+                    out += tokens[:room]
+                    p.counts[row] += min(room, len(tokens))
+                    if len(tokens) > room:
+                        p.states[row] = None
+                    else:
+                        p.states[row] = after if n_chars == len(text) else automaton.feed(state, text[:n_chars])
+                    continue
+            if allowed is None:
+                allowed = p._allowed(row, state, room)
+            if len(allowed) == 1:
+                ((token, nxt),) = allowed.items()
+                out.append(token)
+                p.counts[row] += 1
+                p.states[row] = nxt
+                continue
+            if not allowed:  # no way on: the end token
+                p.states[row] = None
+                return False
+            p.pending[row] = allowed
+            return True
+
+    def _literal(self, row: int, state: State) -> tuple[str, State] | None:
+        """(the rest of the literal the row is in, the state after it), if it is inside one.
+
+        One node's option at a time, so the tokens spent on it are exactly what Automaton.cost charged."""
+        p = self.p
+        if p.counts[row] == 0 and p.vocab.lead:
+            return None  # the first token follows _allowed's rule about the dummy-prefix space
+        automaton = p.automata[row]
+        node = automaton.nodes[state.node]
+        if node.kind != CHOICE or len(state.alive) != 1:
+            return None
+        option = node.options[state.alive[0]]
+        return option.text[state.off :], automaton._complete(state, option)
+
+    def _decide(self, active: list[int], logits: torch.Tensor) -> dict[int, list[int]]:
+        """Pick each row's token greedily among its allowed ones; return what each row feeds next ([]: done).
+
+        Ties go to the lowest id and rows whose allowed tokens all score -inf take the lowest allowed id,
+        exactly as argmax over GrammarLogitsProcessor's masked scores does.
+        """
+        p = self.p
+        choices = [sorted(p.pending[row]) for row in active]
+        rows = [i for i, ids in enumerate(choices) for _ in ids]
+        cols = [token for ids in choices for token in ids]
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+        values = logits[index].cpu()
+        feeds: dict[int, list[int]] = {}
+        start = 0
+        for row, ids in zip(active, choices, strict=True):
+            scores = values[start : start + len(ids)]
+            start += len(ids)
+            token = ids[0] if torch.isneginf(scores).all() else ids[int(scores.argmax())]
+            self.out[row].append(token)
+            p.counts[row] += 1
+            p.states[row] = p.pending[row][token]
+            p.pending[row] = {}
+            before = len(self.out[row]) - 1
+            feeds[row] = self.out[row][before:] if self._force(row) else []
+        return feeds
+
+    # ---------------------------------------------------------------- model side
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, past) -> tuple[torch.Tensor, object]:
+        """Logits (float) at each row's last column, and the new cache."""
+        self.passes += 1
+        width = ids.shape[1]
+        positions = mask.long().cumsum(-1)[:, -width:] - 1
+        positions = positions.masked_fill(mask[:, -width:] == 0, 1)
+        kwargs = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "past_key_values": past,
+            "use_cache": True,
+            "return_dict": True,
+        }
+        if self.head is not None:  # only the last position goes through the output layer
+            base, head = self.head
+            outputs = base(**kwargs)
+            logits = head(outputs.last_hidden_state[:, -1, :]).float()
+        else:
+            outputs = self.model(**kwargs)
+            logits = outputs.logits[:, -1, :].float()
+        return logits, outputs.past_key_values
+
+    @staticmethod
+    def _shrink(past, mask: torch.Tensor, keep: list[int]):
+        """The cache of the rows in `keep` (legacy tuple cache: per layer (key, value), batch first)."""
+        index = torch.tensor(keep, device=mask.device)
+        shrunk = []
+        for layer in past:
+            if not all(isinstance(t, torch.Tensor) and t.shape[0] == mask.shape[0] for t in layer):
+                raise ValueError("jump-forward decoding needs a per-layer (key, value) cache with batch first")
+            shrunk.append(tuple(t.index_select(0, index) for t in layer))
+        return tuple(shrunk)
+
+
+def _split_head(model):
+    """(decoder, output layer) when logits are exactly output_layer(decoder(...)[0]) (Llama, pretraining_tp 1),
+    so only the last position of each pass needs the output layer; else None (the full forward is used)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != "llama" or getattr(config, "pretraining_tp", 1) > 1:
+        return None
+    base = getattr(model, "model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(base, torch.nn.Module) or not isinstance(head, torch.nn.Linear):
+        return None
+    return base, head
 
 
 def unconstrained_generate(

@@ -3,8 +3,10 @@ with a tiny RANDOM model, whose answers must still be well-formed, in budget and
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ from model.decoding import (
     Vocab,
     constrained_generate,
     decode_answer,
+    jump_forward_unsupported,
     unconstrained_generate,
     vocab_for,
 )
@@ -144,7 +147,8 @@ def left_padded(tokenizer, schema: dict, texts: list[str], task: str) -> tuple[t
         )
         rows.append(CAUSAL.build_generation_ids(tokenizer, tokenizer.encode(prompt, add_special_tokens=False)))
     width = max(len(r) for r in rows)
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return input_ids, attention_mask
 
@@ -523,3 +527,287 @@ def test_spans_never_hold_whitespace(schema):
     assert not automaton.is_prefix(head + " ")  # no blank or space-led entity
     assert not automaton.is_prefix(head + "周星驰 ")  # no trailing space (the parser would have to repair it)
     assert automaton.accepts(_answer(_triple(obj="周星驰", subject="喜剧之王")))
+
+
+# --------------------------------------------------------------------------- jump-forward decoding
+
+
+@contextmanager
+def counting_passes(model):
+    """Counts the decoder's forward passes, whichever way generation reaches it."""
+    calls = [0]
+    handle = model.get_decoder().register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _constraints(schema: dict, texts: list[str], task: str) -> list:
+    if task == CLASSIFICATION:
+        return [CategoryConstraint(schema["labels"]) for _ in texts]
+    return [TripleConstraint(schema, text) for text in texts]
+
+
+def both_ways(model, tokenizer, schema, texts, task, max_new_tokens) -> tuple[list, list, int, int]:
+    """(token-by-token answers, jump-forward answers, forward passes of each) for one batch."""
+    end = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    input_ids, mask = left_padded(tokenizer, schema, texts, task)
+    answers, passes = [], []
+    for jump in (False, True):
+        with counting_passes(model) as calls:
+            constraints = _constraints(schema, texts, task)
+            answers.append(
+                constrained_generate(
+                    model, tokenizer, input_ids, mask, constraints, max_new_tokens, end, pad, jump_forward=jump
+                )
+            )
+        passes.append(calls[0])
+    return answers[0], answers[1], passes[0], passes[1]
+
+
+@pytest.fixture(scope="module")
+def trained(merged_model):
+    """The briefly trained tiny model (30 LoRA steps, merged): answers shaped by training, not random."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_model), local_files_only=True)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(str(merged_model), local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_jump_forward_equals_token_by_token_decoding(request, which, schema, dev_texts):
+    """The char tokenizer spells each literal character with one token, so jump-forward must pick exactly the
+    tokens of token-by-token constrained greedy decoding (fp32): same answers, in far fewer forward passes."""
+    tokenizer, model = request.getfixturevalue("tiny" if which == "random" else "trained")
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    for task, budgets in ((CLASSIFICATION, (2, 3, 5, 12)), (EXTRACTION, (3, 9, 25, 60, 300))):
+        for max_new_tokens in budgets:
+            old, new, old_passes, new_passes = both_ways(model, tokenizer, schema, dev_texts, task, max_new_tokens)
+            assert new == old, (which, task, max_new_tokens)
+            assert all(len(ids) <= max_new_tokens for ids in new)
+            assert new_passes < old_passes or old_passes <= 1, (task, max_new_tokens, new_passes, old_passes)
+            if task == EXTRACTION and max_new_tokens == 300:
+                answers = [tokenizer.decode(ids) for ids in new]
+                n_triples = sum(len(assert_triples(a, t, schema)) for a, t in zip(answers, dev_texts, strict=True))
+                assert n_triples > 0 or which == "trained", "no triple: spans were not compared"
+                assert new_passes * 3 < old_passes, (new_passes, old_passes)
+
+
+def _random_llama(tokenizer, seed: int = 0):
+    """A tiny random Llama over `tokenizer`'s vocabulary (the tiny model's vocabulary is the char tokenizer's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("which", ["multichar", "sentencepiece"])
+def test_jump_forward_with_multichar_tokens_is_well_formed_in_budget_and_batch_independent(
+    request, which, schema, dev_texts
+):
+    """With multi-character tokens, literals are spelled with their cheapest split instead of being chosen token
+    by token, so answers may differ from token-by-token decoding; they must still be valid and in budget."""
+    tokenizer = request.getfixturevalue("multichar_tokenizer" if which == "multichar" else "sp_tokenizer")
+    model = _random_llama(tokenizer)
+    vocab = vocab_for(tokenizer)
+    end = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+    for task, budgets in ((CLASSIFICATION, (2, 4, 12)), (EXTRACTION, (3, 5, 9, 17, 40, 300))):
+        for max_new_tokens in budgets:
+            old, new, old_passes, new_passes = both_ways(model, tokenizer, schema, dev_texts, task, max_new_tokens)
+            assert new_passes <= old_passes
+            for ids, text in zip(new, dev_texts, strict=True):
+                answer = decode_answer(tokenizer, ids)
+                assert answer == tokenizer.decode(ids)
+                if len(ids) < max_new_tokens:  # ended within the budget: a whole answer
+                    if task == CLASSIFICATION:
+                        assert_category(answer, schema["labels"])
+                    else:
+                        assert_triples(answer, text, schema)
+                else:  # only when even the shortest answer and the end token do not fit
+                    assert len(ids) == max_new_tokens
+                    automaton = _constraints(schema, [text], task)[0].automaton(vocab)
+                    assert max_new_tokens <= automaton.cost(automaton.initial())
+        if task == EXTRACTION:
+            # The literal pieces of the grammar go out as the vocabulary's long tokens.
+            assert any(len(vocab.strings[i]) > 3 for ids in new for i in ids)
+    # Rows are independent: one at a time gives the same tokens as the batch.
+    texts = dev_texts[::5]
+    input_ids, mask = left_padded(tokenizer, schema, texts, EXTRACTION)
+    batched = constrained_generate(
+        model, tokenizer, input_ids, mask, _constraints(schema, texts, EXTRACTION), 200, end, pad
+    )
+    for text, ids in zip(texts, batched, strict=True):
+        one_ids, one_mask = left_padded(tokenizer, schema, [text], EXTRACTION)
+        single = constrained_generate(
+            model, tokenizer, one_ids, one_mask, _constraints(schema, [text], EXTRACTION), 200, end, pad
+        )
+        assert single == [ids]
+
+
+def test_split_spells_with_the_fewest_and_longest_tokens(multichar_tokenizer, sp_tokenizer):
+    vocab = vocab_for(multichar_tokenizer)
+    strings = lambda ids: [vocab.strings[i] for i in ids]  # noqa: E731
+    assert strings(vocab.split('```json\n[{"predicate": "')) == ['```json\n[{"predicate": "']
+    assert strings(vocab.split(EMPTY_TRIPLES)) == ["```json\n[", "]\n```"]
+    assert len(vocab.split('["水果"]')) == vocab.tok_cost('["水果"]') == 3
+    assert vocab.split("\x00") is None
+    assert vocab.split("") == ()
+    # A sentencepiece vocabulary holds byte-fallback pieces too ('<0x20>' for ' '): spell with the real piece.
+    sp_vocab = vocab_for(sp_tokenizer)
+    pieces = sp_tokenizer.convert_ids_to_tokens(list(sp_vocab.split(' "object": "')))
+    assert not any(p.startswith("<0x") for p in pieces), pieces
+
+
+def test_schema_part_of_the_automaton_is_built_once_per_schema(tiny, schema):
+    tokenizer, _ = tiny
+    vocab = vocab_for(tokenizer)
+    first = TripleConstraint(schema, TEXT).automaton(vocab)
+    second = TripleConstraint(dict(schema), "周星驰").automaton(vocab)
+    assert second.nodes is first.nodes and second.text == "周星驰"
+    assert (
+        CategoryConstraint(schema["labels"]).automaton(vocab).nodes
+        is CategoryConstraint(list(schema["labels"])).automaton(vocab).nodes
+    )
+    # Another schema, another skeleton; a cached skeleton behaves as a fresh one.
+    other = {"predicates": {"p": {"subject_type": ["s"], "object_type": ["o"]}}}
+    assert TripleConstraint(other, TEXT).automaton(vocab).nodes is not first.nodes
+    fresh = TripleConstraint(schema, TEXT).automaton()
+    for answer in (_answer(_triple()), EMPTY_TRIPLES, _answer(_triple(), _triple(obj="周星"))):
+        assert first.accepts(answer) == fresh.accepts(answer) is True
+    assert first.node_cost == fresh.node_cost
+    assert TripleConstraint(schema, '"\\\n').automaton(vocab).cost(first.initial()) == first.cost(first.initial())
+
+
+class _StubChatGLM(torch.nn.Module):
+    """Stands in for ChatGLM-6B: its generate() records the call and answers '["' + end."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.config = type("Config", (), {"model_type": "chatglm", "is_encoder_decoder": False})()
+        self.tokenizer = tokenizer
+        self.calls = []
+
+    def generate(self, input_ids, **kwargs):
+        self.calls.append(kwargs)
+        new = self.tokenizer.convert_tokens_to_ids(["[", '"', self.tokenizer.eos_token])
+        return torch.cat([input_ids, torch.tensor([new] * input_ids.shape[0])], dim=1)
+
+
+def test_chatglm_and_generate_options_keep_hf_generate(tiny, schema, dev_texts):
+    tokenizer, model = tiny
+    end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    input_ids, mask = left_padded(tokenizer, schema, dev_texts[:3], CLASSIFICATION)
+    constraints = _constraints(schema, dev_texts[:3], CLASSIFICATION)
+    glm = _StubChatGLM(tokenizer)
+    assert "ChatGLM" in jump_forward_unsupported(glm)
+    answers = constrained_generate(glm, tokenizer, input_ids, mask, constraints, 12, end, pad)
+    assert len(glm.calls) == 1 and isinstance(glm.calls[0]["logits_processor"][0], GrammarLogitsProcessor)
+    assert [tokenizer.decode(ids) for ids in answers] == ['["'] * 3
+    with pytest.raises(ValueError, match="ChatGLM"):
+        constrained_generate(glm, tokenizer, input_ids, mask, constraints, 12, end, pad, jump_forward=True)
+
+    assert jump_forward_unsupported(model) is None
+    # Options only generate() understands, passed or in the model's generation_config, keep generate().
+    with counting_passes(model) as calls:
+        constrained_generate(model, tokenizer, input_ids, mask, constraints, 12, end, pad, output_scores=False)
+    assert calls[0] > 1  # one pass per token: '[', '"', the label... (jump-forward needs one here)
+    with pytest.raises(ValueError, match="generate"):
+        constrained_generate(model, tokenizer, input_ids, mask, constraints, 12, end, pad, jump_forward=True, top_k=3)
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    try:
+        model.generation_config.repetition_penalty = 1.3
+        assert "repetition_penalty" in jump_forward_unsupported(model)
+    finally:
+        model.generation_config = saved
+
+
+class RandomCausalLM(torch.nn.Module):
+    """Random logits behind the interface jump-forward uses (not a Llama: no output-layer shortcut), checking
+    on every pass that cache, mask and positions agree: each row's real tokens get consecutive positions."""
+
+    def __init__(self, vocab_size: int, seed: int):
+        super().__init__()
+        self.config = type("Config", (), {"model_type": "random", "is_encoder_decoder": False})()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.vocab_size = vocab_size + 7  # wider than the tokenizer, like a padded embedding matrix
+        self.passes = 0
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, return_dict):
+        batch, width = input_ids.shape
+        total = attention_mask.shape[1]
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        assert use_cache and past_length + width == total
+        assert past_key_values is None or past_key_values[0][0].shape[0] == batch
+        before = attention_mask[:, :past_length].sum(dim=1)
+        for row in range(batch):
+            real = attention_mask[row, past_length:] == 1
+            assert real[-1], "every row's last fed token is real: its logits are read there"
+            expected = torch.arange(int(real.sum())) + before[row]
+            assert torch.equal(position_ids[row][real], expected)
+        self.passes += 1
+        cache = torch.zeros(batch, 1, total, 1)
+        logits = torch.randn(batch, width, self.vocab_size, generator=self.generator)
+        return type("Out", (), {"logits": logits, "past_key_values": ((cache, cache),)})()
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 5, 9, 17, 40, 120, 400])
+def test_jump_forward_random_walks_are_well_formed_and_in_budget(
+    multichar_tokenizer, sp_tokenizer, schema, dev_texts, max_new_tokens
+):
+    """Random logits take the loop through every grammar path (spans, caps, closing early, budget moves)."""
+    for seed, tokenizer in enumerate((multichar_tokenizer, sp_tokenizer)):
+        end = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
+        for task in (CLASSIFICATION, EXTRACTION):
+            input_ids, mask = left_padded(tokenizer, schema, dev_texts, task)
+            model = RandomCausalLM(len(tokenizer), seed=max_new_tokens + seed)
+            answers = constrained_generate(
+                model, tokenizer, input_ids, mask, _constraints(schema, dev_texts, task), max_new_tokens, end, pad
+            )
+            assert model.passes <= max_new_tokens
+            vocab = vocab_for(tokenizer)
+            n_triples = 0
+            for ids, text in zip(answers, dev_texts, strict=True):
+                answer = decode_answer(tokenizer, ids)
+                assert answer == tokenizer.decode(ids) and end not in ids
+                automaton = _constraints(schema, [text], task)[0].automaton(vocab)
+                if len(ids) == max_new_tokens:  # cut: only when even the shortest answer does not fit
+                    assert max_new_tokens <= automaton.cost(automaton.initial())
+                    assert automaton.is_prefix(answer)
+                elif task == CLASSIFICATION:
+                    assert_category(answer, schema["labels"])
+                else:
+                    n_triples += len(assert_triples(answer, text, schema))
+            if task == EXTRACTION and max_new_tokens >= 40:
+                assert n_triples > 0, "the walks never opened a triple: the test would not exercise the grammar"
+
+
+def test_jump_forward_keeps_the_repeat_ban_and_the_cap(tiny):
+    tokenizer, _ = tiny
+    schema = {"predicates": {"p": {"subject_type": ["s"], "object_type": ["o"]}}}
+    end, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    for text, max_triples in (("甲", 16), ("甲乙", 16), ("甲乙丙丁", 3)):
+        constraints = [TripleConstraint(schema, text, max_triples=max_triples) for _ in range(16)]
+        input_ids = torch.full((16, 4), pad)
+        input_ids[:, -1] = tokenizer.bos_token_id
+        mask = (input_ids != pad).long()
+        model = RandomCausalLM(len(tokenizer), seed=len(text))
+        answers = constrained_generate(model, tokenizer, input_ids, mask, constraints, 900, end, pad)
+        counts = [len(assert_triples(tokenizer.decode(ids), text, schema, max_triples)) for ids in answers]
+        possible = (len(text) * (len(text) + 1) // 2) ** 2
+        assert max(counts) <= min(possible, max_triples) and max(counts) >= 1

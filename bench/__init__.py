@@ -1,0 +1,1 @@
+"""Benchmarks: each runs a baseline and the project's way in the same process and prints ratios."""

@@ -1,0 +1,1 @@
+"""GPU benchmark (run on a GPU box; --dry-run on CPU)."""
