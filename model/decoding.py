@@ -29,7 +29,9 @@ How it works
   its own greedy loop over the KV cache. Tokens that have only one possible value (the JSON
   skeleton, keys, the rest of a label or type once chosen: ~90% of answer tokens) are appended
   without a forward pass of their own; each pass feeds a row's chosen token plus the forced run
-  after it. With a char vocabulary it picks exactly the tokens of token-by-token decoding. ChatGLM
+  after it. With a char vocabulary it picks exactly the tokens of token-by-token decoding. The prompt
+  prefix the rows share (instruction and phrasing) runs once, its KV cache kept for the next batches
+  and calls (`PrefixCache`). ChatGLM
   (2D positions and masks built from <sop> in its remote code) and calls with generate() options
   keep HF generate() with GrammarLogitsProcessor, one token per pass (`jump_forward=False` forces it).
 """
@@ -856,6 +858,7 @@ def constrained_generate(
     end_token_id: int,
     pad_token_id: int,
     jump_forward: bool | None = None,
+    prefix_cache: bool = True,
     **generate_kwargs,
 ) -> list[list[int]]:
     """Greedy generation of a LEFT-padded batch, one constraint per row; answer ids without prompt or end token.
@@ -864,6 +867,8 @@ def constrained_generate(
     (`jump_forward_unsupported`) and no generate() options are given, else HF generate() with the
     GrammarLogitsProcessor, one token per forward pass (always the case for ChatGLM); True = require
     jump-forward; False = always generate().
+    prefix_cache: let jump-forward run the prompt prefix its rows share once (`PrefixCache`); False = each
+    row's whole prompt goes through the first pass.
     """
     processor = GrammarLogitsProcessor(tokenizer, constraints, input_ids.shape[1], max_new_tokens, end_token_id)
     reason = jump_forward_unsupported(model) or (
@@ -874,7 +879,8 @@ def constrained_generate(
     if jump_forward:
         if reason is not None:
             raise ValueError(f"jump-forward decoding is not available: {reason}")
-        return JumpForwardDecoder(model, processor, max_new_tokens, pad_token_id).run(input_ids, attention_mask)
+        decoder = JumpForwardDecoder(model, processor, max_new_tokens, pad_token_id, prefix_cache=prefix_cache)
+        return decoder.run(input_ids, attention_mask)
     with torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids,
@@ -915,15 +921,30 @@ class JumpForwardDecoder:
     The first pass feeds the left-padded prompts plus each row's first forced run (positions =
     cumsum(attention_mask) - 1, pads at 1, as generate() builds them); later passes left-pad the rows'
     runs to the longest and mask the pads out. Finished rows leave the batch and the cache.
+
+    Shared prompt prefix (prefix_cache=True): the rows of a batch start with the same instruction and
+    phrasing (~75 tokens), and so do the batches of a predict() call. The first pass then starts from the
+    cache of that prefix (run once, batch 1, and kept in `PREFIX_CACHE` for the next calls), expanded to
+    the batch, and feeds only the rest of each prompt: left-padded, so the pads sit between the prefix and
+    the row's own tokens, masked out, and positions still come from the cumulative mask.
     """
 
-    def __init__(self, model, processor: GrammarLogitsProcessor, max_new_tokens: int, pad_token_id: int):
+    def __init__(
+        self,
+        model,
+        processor: GrammarLogitsProcessor,
+        max_new_tokens: int,
+        pad_token_id: int,
+        prefix_cache: bool = True,
+    ):
         self.model = model
         self.p = processor
         self.max_new_tokens = max_new_tokens
         self.pad_token_id = pad_token_id
+        self.prefix_cache = prefix_cache
         self.out: list[list[int]] = [[] for _ in processor.automata]
         self.passes = 0  # forward passes run, for measurements
+        self.prefix_length = 0  # prompt tokens taken from the shared-prefix cache in the first pass
         self.head = _split_head(model)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
@@ -950,6 +971,8 @@ class JumpForwardDecoder:
                 mask[i, width - len(run) :] = 1
         past = None
         with torch.no_grad():
+            if self.prefix_cache:
+                ids, mask, past = self._start_from_prefix(ids, mask, input_ids, attention_mask, active)
             while True:
                 logits, past = self._forward(ids, mask, past)
                 feeds = self._decide(active, logits)
@@ -1055,6 +1078,43 @@ class JumpForwardDecoder:
 
     # ---------------------------------------------------------------- model side
 
+    def _start_from_prefix(self, ids, mask, input_ids, attention_mask, active):
+        """The first pass's (ids, mask, cache) when the active rows' prompts share a cached prefix; else as given.
+
+        The prefix stops one token short of the shortest prompt, so every row feeds at least one token of
+        its own (its logits are read at its last column).
+        """
+        rows = []
+        for row in active:
+            real = attention_mask[row].nonzero().flatten()
+            if len(real) == 0 or int(real[0]) + len(real) != input_ids.shape[1]:
+                return ids, mask, None  # not left-padded: keep the plain first pass
+            rows.append(input_ids[row, int(real[0]) :].tolist())
+        shortest = min(len(r) for r in rows)
+        common = 0
+        first = rows[0]
+        while common < shortest - 1 and all(r[common] == first[common] for r in rows):
+            common += 1
+        found = PREFIX_CACHE.get(self, tuple(first[:common]), len(rows) > 1, input_ids.device)
+        if found is None:
+            return ids, mask, None
+        length, prefix_past = found
+        self.prefix_length = length
+        # Each row without the prefix (prompt rest + its first forced run), left-padded to the longest.
+        tails = []
+        for i in range(len(active)):
+            real = mask[i].nonzero().flatten()
+            tails.append((ids[i, int(real[0]) + length :], mask[i, int(real[0]) + length :]))
+        width = max(len(t) for t, _ in tails)
+        new_ids = torch.full((len(active), width), self.pad_token_id, dtype=ids.dtype, device=ids.device)
+        new_mask = torch.zeros((len(active), length + width), dtype=mask.dtype, device=mask.device)
+        new_mask[:, :length] = 1
+        for i, (tail_ids, tail_mask) in enumerate(tails):
+            new_ids[i, width - len(tail_ids) :] = tail_ids
+            new_mask[i, length + width - len(tail_mask) :] = tail_mask
+        past = tuple(tuple(t.expand(len(active), *t.shape[1:]) for t in layer) for layer in prefix_past)
+        return new_ids, new_mask, past
+
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, past) -> tuple[torch.Tensor, object]:
         """Logits (float) at each row's last column, and the new cache."""
         self.passes += 1
@@ -1088,6 +1148,113 @@ class JumpForwardDecoder:
                 raise ValueError("jump-forward decoding needs a per-layer (key, value) cache with batch first")
             shrunk.append(tuple(t.index_select(0, index) for t in layer))
         return tuple(shrunk)
+
+
+class PrefixCache:
+    """KV caches of prompt prefixes (batch 1), least recently used out, per model object.
+
+    A batch's rows share their prompt up to the text (instruction, phrasing); so do the batches of a call and
+    the calls of a task. `get` returns the longest cached prefix of the batch's common prefix, after running
+    (and caching) a longer one when that is worth a pass of its own:
+    - the common part of this batch's prefix and a cached one that it does not extend: the part that every
+      call shares (the template), found as soon as two batches differ in their first text characters;
+    - else, for a batch of several rows, its whole common prefix when it is at least `min_extend` tokens
+      longer than the cached one (the first batch of a task, whose phrasing no cached prefix holds yet).
+    A single row's whole prompt is never cached when a cached prefix serves it (nothing else would reuse it).
+    An entry belongs to one model object, dtype and device and to its weights' in-place version counters, so
+    it is never used after the model changes.
+    """
+
+    def __init__(self, size: int = 4, min_length: int = 4, min_extend: int = 8):
+        self.size = size
+        self.min_length = min_length
+        self.min_extend = min_extend
+        self._lock = threading.Lock()
+        self._entries: list[tuple[object, tuple, tuple[int, ...], tuple]] = []  # (model ref, stamp, ids, cache)
+        self.hits = self.runs = 0  # for measurements and tests
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def _stamp(model) -> tuple:
+        params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+        first = params[0] if params else None
+        return (
+            None if first is None else (first.dtype, first.device),
+            sum(p._version for p in params),
+        )
+
+    def get(self, decoder: JumpForwardDecoder, prefix: tuple[int, ...], several_rows: bool, device):
+        """(prefix length, its cache: per layer (key, value), batch 1) to start `decoder`'s first pass, or None."""
+        if len(prefix) < self.min_length:
+            return None
+        model = decoder.model
+        stamp = self._stamp(model)
+        with self._lock:
+            self._entries = [e for e in self._entries if e[0]() is not None]
+            mine = [e for e in self._entries if e[0]() is model and e[1] == stamp]
+            best = max((e for e in mine if prefix[: len(e[2])] == e[2]), key=lambda e: len(e[2]), default=None)
+            have = 0 if best is None else len(best[2])
+            shared = max((_common_length(prefix, e[2]) for e in mine if e is not best), default=0)
+            if shared > have and shared >= self.min_length:
+                target = shared
+            elif best is None or (several_rows and len(prefix) - have >= self.min_extend):
+                target = len(prefix)
+            else:
+                target = have
+            if target == have:
+                self.hits += 1
+                self._touch(best)
+                return have, best[3]
+        # Run the missing part on top of the best cached one (outside the lock: a forward pass).
+        key = prefix[:target]
+        ids = torch.tensor([key[have:]], device=device)
+        mask = torch.ones((1, target), dtype=torch.long, device=device)
+        _, past = decoder._forward(ids, mask, None if best is None else best[3])
+        if not _batch_first_pairs(past, 1, target):
+            return None
+        past = tuple(tuple(t for t in layer) for layer in past)
+        with self._lock:
+            self.runs += 1
+            self._entries = [e for e in self._entries if not (e[0]() is model and e[2] == key)]
+            self._entries.append((weakref.ref(model), stamp, key, past))
+            del self._entries[: max(0, len(self._entries) - self.size)]
+        return target, past
+
+    def _touch(self, entry) -> None:
+        if entry in self._entries:
+            self._entries.remove(entry)
+            self._entries.append(entry)
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _batch_first_pairs(past, batch: int, length: int) -> bool:
+    """Whether `past` is a legacy cache: per layer a (key, value) of tensors (batch, heads, length, dim)."""
+    if not isinstance(past, (tuple, list)) or not past:
+        return False
+    for layer in past:
+        if not isinstance(layer, (tuple, list)) or len(layer) != 2:
+            return False
+        for t in layer:
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != batch or t.shape[2] != length:
+                return False
+    return True
+
+
+PREFIX_CACHE = PrefixCache()
 
 
 def _split_head(model):
