@@ -54,3 +54,31 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The CPU demo: builds runs/demo/merged with finetune.demo (6-15 min on 2 cores) unless it exists,
+# then serves it. `rm -rf runs/demo` (or python -m finetune.demo --force) rebuilds it.
+demo: venv data system-deps
+	@if [ -d runs/demo/merged ]; then echo "runs/demo/merged exists: serving it (rm -rf runs/demo to rebuild)"; \
+	else $(PY) -m finetune.demo --output-dir runs/demo; fi
+	@$(MAKE) --no-print-directory app APP_MODEL=runs/demo/merged
+
+# Serve an existing merged model: make app [APP_MODEL=runs/NAME/merged] [APP_PORT=8501]
+APP_MODEL ?= runs/demo/merged
+APP_PORT ?= 8501
+app: venv
+	@echo "starting the app on http://localhost:$(APP_PORT) (model $(APP_MODEL)); Ctrl-C stops it"
+	$(VENV)/bin/streamlit run app.py --server.port $(APP_PORT) --server.headless true \
+		--browser.gatherUsageStats false --server.maxUploadSize 20 -- --model $(APP_MODEL)
+
+# CPU benchmarks (bench/README.md): each prints a RATIO line against a baseline run in the same
+# process; logs go to runs/bench/. About 5 minutes on 2 cores (+ venv). The GPU one only dry-runs here.
+BENCH_LOGS ?= runs/bench
+bench: venv data
+	@mkdir -p $(BENCH_LOGS)
+	set -o pipefail; $(PY) -m bench.train_throughput 2>&1 | tee $(BENCH_LOGS)/train_throughput.log
+	set -o pipefail; $(PY) -m bench.label_throughput 2>&1 | tee $(BENCH_LOGS)/label_throughput.log
+	set -o pipefail; $(PY) -m bench.label_memory 2>&1 | tee $(BENCH_LOGS)/label_memory.log
+	set -o pipefail; $(PY) -m bench.gpu.run_gpu_bench --dry-run 2>&1 | tee $(BENCH_LOGS)/gpu_dry_run.log
+	@echo; echo "== benchmark ratios (logs in $(BENCH_LOGS)/) =="; \
+	grep -h "RATIO" $(BENCH_LOGS)/train_throughput.log $(BENCH_LOGS)/label_throughput.log \
+		$(BENCH_LOGS)/label_memory.log $(BENCH_LOGS)/gpu_dry_run.log

@@ -91,8 +91,13 @@ def read_jsonl(path: str | Path) -> list[Example]:
         raise DataError(f"{path}: file not found")
     examples: list[Example] = []
     problems: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError:
+                problems.append(f"{path}:{line_no}: not UTF-8 text (save the file as UTF-8)")
+                continue
             if not line.strip():
                 continue
             try:

@@ -61,6 +61,13 @@ def test_every_bad_row_is_reported_at_once(tmp_path):
     assert all(f"{path}:{n}:" in str(err.value) for n in (1, 3, 4))
 
 
+def test_non_utf8_file_is_named(tmp_path):
+    path = tmp_path / "gbk.jsonl"
+    path.write_bytes(row().encode("utf-8") + b"\n" + row(target='["水果"]').encode("gbk") + b"\n")
+    with pytest.raises(D.DataError, match=f"{path}:2: not UTF-8"):
+        D.read_jsonl(path)
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(D.DataError, match="file not found"):
         D.read_jsonl(tmp_path / "nope.jsonl")

@@ -1,0 +1,6 @@
+"""Helpers for the Streamlit pages (app.py, pages/*.py).
+
+Pages stay thin: they lay out widgets and call these helpers, which call `model/`. Modules here
+that do not import streamlit (highlight, fonts, runs, plots, batch, evaluation, settings) are
+unit-tested in tests/app/; `ui` holds the few pieces that need a Streamlit session.
+"""

@@ -1,0 +1,213 @@
+"""Batch page helpers: an uploaded CSV -> model.label -> labelled CSV bytes (no streamlit here).
+
+The page reuses model.label's reading, column detection and writing, so a CSV labelled in the
+browser is byte-for-byte what `python -m model.label` writes for the same file. model.label works
+on files, so an upload is written to a private temporary folder that lives for one check or run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.label import (
+    LabelConfig,
+    LabelError,
+    Source,
+    inspect_input,
+    label_csv,
+    output_header,
+    pick_text_column,
+    read_header,
+)
+
+# Rows per model.label chunk. Smaller than the CLI's 256 so the page can show the labelled rows'
+# count move; still several generate() batches per chunk so rows of similar length share one.
+CHUNK_ROWS = 64
+PREVIEW_ROWS = 200
+
+
+def size_problem(size_bytes: int, max_mb: int) -> str | None:
+    """Why an upload is refused for its size, or None."""
+    if size_bytes > max_mb * 1024 * 1024:
+        return (f"文件太大 file too large: {size_bytes / 1024 / 1024:.1f} MB > {max_mb} MB. "
+                f"Label big files with: python -m model.label --model DIR --input in.csv --output out.csv")
+    return None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A checked upload: its encoding, header, estimated rows and the column to preselect (or None)."""
+
+    name: str
+    source: Source
+    header: list[str]
+    guessed_column: str | None
+
+    @property
+    def estimated_rows(self) -> int:
+        return max(1, self.source.line_count - 1)
+
+
+@contextmanager
+def opened_upload(name: str, data: bytes) -> Iterator[Upload]:
+    """The upload saved in a private temp folder and checked as a CSV with a header and rows.
+
+    Raises LabelError worded for the user (empty, binary, undecodable, no header, no rows). The
+    folder lives only inside the `with`, so nothing is left behind by a session that goes away.
+    """
+    with tempfile.TemporaryDirectory(prefix="label-upload-") as folder:
+        # A fixed name: model.label tells a CSV and its encoding from the bytes, never the name.
+        path = Path(folder) / "upload.csv"
+        path.write_bytes(data)
+        try:
+            source = inspect_input(path)
+            header, has_rows = read_header(source)
+        except LabelError as err:
+            # model.label names the file by its path: show the user's file name, not our temp path.
+            raise LabelError(str(err).replace(str(path), name)) from None
+        if not any(column.strip() for column in header):
+            raise LabelError(f"{name}: the first row (the header) is empty; the CSV needs column names")
+        if not has_rows:
+            raise LabelError(f"{name} has a header but no rows to label")
+        yield Upload(name, source, header, guess_column(header))
+
+
+def check_upload(name: str, data: bytes) -> Upload:
+    """Check an upload once (the page keeps the result); the file itself is not kept."""
+    with opened_upload(name, data) as upload:
+        return upload
+
+
+def guess_column(header: Sequence[str]) -> str | None:
+    """The text column model.label would pick by its name, or None when no name says so."""
+    try:
+        return header[pick_text_column(header, None, "upload")]
+    except LabelError:
+        return None
+
+
+class RowProgress:
+    """Turns model.label's per-chunk progress and predict's per-batch progress into rows done.
+
+    label_csv reports after each chunk; predict reports (steps done, steps) inside a chunk, where a
+    step is one batch of one task. Interpolating inside the chunk lets the bar move every batch.
+    """
+
+    def __init__(self, total_rows: int, report: Callable[[int, int], None]):
+        self.total = max(1, total_rows)
+        self.report = report
+        self.rows_done = 0  # rows of finished chunks
+
+    def chunk_done(self, rows_done: int, total_rows: int) -> None:
+        self.rows_done, self.total = rows_done, max(self.total, total_rows)
+        self.report(self.rows_done, self.total)
+
+    def inside_chunk(self, n_texts: int) -> Callable[[int, int], None]:
+        def on_progress(done: int, total: int) -> None:
+            inside = n_texts * done // total if total else n_texts
+            self.report(min(self.total, self.rows_done + inside), self.total)
+
+        return on_progress
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    csv_bytes: bytes
+    rows: int
+    error_rows: int
+    encoding: str
+    column: str
+    seconds: float
+    output_columns: list[str]  # the header of csv_bytes: the input's columns + category, triples, error, warnings
+
+
+def label_upload(
+    name: str,
+    data: bytes,
+    column: str,
+    model_dir: str,
+    predict_batch: Callable[[list[str], Callable[[int, int], None]], Sequence],
+    on_progress: Callable[[int, int], None],
+) -> BatchResult:
+    """Label an upload with model.label.label_csv; predict_batch(texts, on_progress) -> predictions."""
+    with opened_upload(name, data) as upload:
+        tracker = RowProgress(upload.estimated_rows, on_progress)
+        output = upload.source.path.with_name("labelled.csv")
+        cfg = LabelConfig(model=model_dir, input=str(upload.source.path), output=str(output), column=column,
+                          chunk_rows=CHUNK_ROWS)
+        result = label_csv(
+            cfg,
+            lambda texts: predict_batch(list(texts), tracker.inside_chunk(len(texts))),
+            source=upload.source,
+            log=lambda _message: None,  # the page shows progress and errors itself
+            on_progress=tracker.chunk_done,
+            show_bar=False,
+        )
+        return BatchResult(output.read_bytes(), result.rows, result.error_rows, result.encoding, result.column,
+                           result.seconds, output_header(upload.header))
+
+
+def read_labelled(csv_bytes: bytes) -> list[list[str]]:
+    """The rows of a labelled CSV (header first), as model.label wrote them (UTF-8 with BOM)."""
+    return list(csv.reader(io.StringIO(csv_bytes.decode("utf-8-sig"), newline="")))
+
+
+def compact_triples(cell: str) -> str:
+    """A triples JSON cell as '(subject, predicate, object); ...' for reading on screen."""
+    try:
+        triples = json.loads(cell)
+    except ValueError:
+        return cell
+    if not isinstance(triples, list):
+        return cell
+    return "; ".join(
+        f"({t.get('subject')}, {t.get('predicate')}, {t.get('object')})" for t in triples if isinstance(t, dict)
+    )
+
+
+def preview_and_failures(result: BatchResult, limit: int = PREVIEW_ROWS):
+    """(first `limit` labelled rows, every row with an error) as DataFrames; row numbers start at 1.
+
+    The preview shows triples compactly; the download keeps model.label's JSON.
+    """
+    import pandas as pd
+
+    rows = read_labelled(result.csv_bytes)
+    header, body = rows[0], rows[1:]
+    # Columns by position: model.label renames its columns (error_2 ...) if the input already has them.
+    triples_at, error_at = len(header) - 3, len(header) - 2
+    text_at = result.output_columns.index(result.column) if result.column in result.output_columns else 0
+    shown = [[*row[:triples_at], compact_triples(row[triples_at]), *row[triples_at + 1 :]] for row in body[:limit]]
+    frame = pd.DataFrame(shown, columns=unique_names(header), index=range(1, min(limit, len(body)) + 1))
+    failed = [(n, row[text_at], row[error_at]) for n, row in enumerate(body, start=1) if row[error_at]]
+    failures = pd.DataFrame([{"row": n, "text": text, "error": error} for n, text, error in failed],
+                            columns=["row", "text", "error"])
+    return frame, failures
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Column names made unique for display (Arrow, behind st.dataframe, rejects duplicates)."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return unique
+
+
+def encoding_label(encoding: str) -> str:
+    """How model.label's codec names read to a user: utf-8-sig is plain UTF-8 (a BOM is optional)."""
+    return {"utf-8-sig": "UTF-8", "gb18030": "GBK/GB18030"}.get(encoding, encoding)
+
+
+def download_name(upload_name: str) -> str:
+    """in.csv -> in_labelled.csv (ASCII-safe stem kept; Chinese names are fine in a download)."""
+    stem = Path(upload_name).stem or "comments"
+    return f"{stem}_labelled.csv"

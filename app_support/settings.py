@@ -1,0 +1,111 @@
+"""Where the app finds its model, and what to tell a user who has none (no streamlit here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = "runs/demo/merged"
+# Uploads bigger than this are refused: a CSV of short comments this size already holds ~200k rows,
+# more than a browser session should label in one go (use `python -m model.label` for those).
+MAX_UPLOAD_MB = 20
+DEV_FILE = "data/mixed_dev_dataset.jsonl"
+
+
+def model_dir_from_argv(argv: Sequence[str]) -> Path:
+    """The --model given after `streamlit run app.py --`; every page sees the same sys.argv."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    # parse_known_args: unknown flags must not kill a page with SystemExit.
+    args, _unknown = parser.parse_known_args(list(argv)[1:])
+    return Path(args.model)
+
+
+def setup_commands(model_dir: Path | str) -> list[str]:
+    """The exact commands that make a servable model, to show when there is none at model_dir.
+
+    Long commands are split with shell line continuations so they fit the page without scrolling.
+    """
+    model_dir = Path(model_dir)
+    quoted = shlex.quote(str(model_dir))
+    if model_dir == Path(DEFAULT_MODEL_DIR):
+        return [
+            "make demo    # venv, data, CPU demo model (6-15 min on 2 cores), then starts this app",
+            "# or step by step:",
+            "python -m finetune.demo --output-dir runs/demo",
+            f"streamlit run app.py -- --model {quoted}",
+        ]
+    if model_dir.name == "merged":  # runs/NAME/merged: merge's default output, no --output-dir needed
+        run = shlex.quote(str(model_dir.parent))
+        return [
+            "# ChatGLM-6B weights in a local folder, e.g. /models/chatglm-6b; data in data/ (make data)",
+            "python -m finetune.train --config finetune/configs/chatglm6b_lora.yaml \\",
+            f"    --base-model /models/chatglm-6b --data-dir data --output-dir {run}",
+            f"python -m finetune.merge --run {run}",
+            f"python -m model.evaluate --model {quoted} \\",
+            f"    --data {DEV_FILE} --output {shlex.quote(str(model_dir / 'metrics.json'))}",
+            f"streamlit run app.py -- --model {quoted}",
+        ]
+    # Any other folder: named once in $MODEL, so a long path makes one long line, not five.
+    return [
+        "# ChatGLM-6B weights in a local folder, e.g. /models/chatglm-6b; data in data/ (make data)",
+        f"MODEL={quoted}",
+        "python -m finetune.train --config finetune/configs/chatglm6b_lora.yaml \\",
+        "    --base-model /models/chatglm-6b --data-dir data --output-dir runs/NAME",
+        'python -m finetune.merge --run runs/NAME --output-dir "$MODEL"',
+        f'python -m model.evaluate --model "$MODEL" --data {DEV_FILE} --output "$MODEL/metrics.json"',
+        'streamlit run app.py -- --model "$MODEL"',
+    ]
+
+
+def read_metrics(model_dir: Path | str) -> dict | None:
+    """model_dir/metrics.json as written by model.evaluate, or None if absent or unreadable."""
+    path = Path(model_dir) / "metrics.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# Shown in the sidebar and on the evaluation page, in this order: (metrics.json key, label).
+HEADLINE_METRICS = (
+    ("cls_accuracy", "类别准确率 accuracy"),
+    ("cls_macro_f1", "类别 macro-F1"),
+    ("triple_precision", "三元组 precision"),
+    ("triple_recall", "三元组 recall"),
+    ("triple_f1", "三元组 F1"),
+    ("parse_rate", "格式正确率 parse rate"),
+    ("examples_per_second", "条/秒 examples/s"),
+)
+
+
+def format_metric(value: object) -> str:
+    """Scores to 3 decimals; None (nothing evaluated) as a dash, not 0."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def headline_metrics(metrics: dict) -> list[tuple[str, str]]:
+    """(label, formatted value) for the headline keys present in a metrics dict."""
+    return [(label, format_metric(metrics.get(key))) for key, label in HEADLINE_METRICS if key in metrics]
+
+
+def model_summary(info: dict) -> list[tuple[str, str]]:
+    """(name, value) rows for the sidebar from LoadedModel.info()."""
+    params = info.get("parameters")
+    return [
+        ("路径 path", str(info.get("path", ""))),
+        ("家族 family", str(info.get("family", ""))),
+        ("参数 parameters", f"{params:,}" if isinstance(params, int) else str(params)),
+        ("设备 device", str(info.get("device", ""))),
+        ("精度 dtype", str(info.get("dtype", ""))),
+        ("类别 labels", f"{len(info.get('labels', []))}: " + "、".join(info.get("labels", []))),
+        ("关系 predicates", f"{len(info.get('predicates', []))}: " + "、".join(info.get("predicates", []))),
+    ]

@@ -1,0 +1,97 @@
+"""效果评估: metrics of the served model on the dev file or an uploaded labelled jsonl (model.evaluate)."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from app_support.evaluation import (
+    load_examples,
+    per_label_table,
+    per_predicate_table,
+    summary_json,
+    task_counts,
+    wrong_rows,
+)
+from app_support.plots import confusion_figure
+from app_support.settings import DEV_FILE, HEADLINE_METRICS, format_metric
+from app_support.ui import page_setup, require_model
+from finetune.data import DataError
+
+DEV, UPLOAD = "验证集 dev file", "上传 jsonl upload a jsonl"
+
+model_dir = page_setup("效果评估 Evaluation", "📊")
+lm = require_model(model_dir)
+
+st.title("效果评估 Evaluation")
+st.caption('数据格式与训练相同：每行一个 {"context": ..., "target": ...}。分类看准确率/macro-F1，抽取按 '
+           "(subject, predicate, object) 完全匹配计算 P/R/F1。")
+
+source = st.radio("数据 data", [DEV, UPLOAD], horizontal=True)
+uploaded = None
+if source == DEV:
+    st.caption(f"`{DEV_FILE}`" + ("" if Path(DEV_FILE).is_file() else " — 不存在 missing: run `make data`"))
+else:
+    uploaded = st.file_uploader("labelled jsonl", key="eval_upload")
+limit = st.number_input("只评估前 N 行 evaluate the first N rows (0 = 全部 all)", min_value=0, value=0, step=10)
+
+if st.button("开始评估 Evaluate", type="primary", disabled=source == UPLOAD and uploaded is None):
+    from model.evaluate import evaluate
+
+    try:
+        if uploaded is not None:
+            examples = load_examples(data=uploaded.getvalue(), name=uploaded.name, limit=int(limit))
+        else:
+            examples = load_examples(DEV_FILE, limit=int(limit))
+    except DataError as err:
+        st.error(f"无法读取数据 cannot read the data: {err}")
+        st.stop()
+    counts = task_counts(examples)
+    bar, status = st.progress(0.0), st.empty()
+
+    def report(done: int, total: int) -> None:
+        bar.progress(min(1.0, done / max(1, total)))
+        status.caption(f"已评估 evaluated {done} / {total} 行 rows")
+
+    report(0, len(examples))
+    try:
+        metrics = evaluate(lm, examples, on_progress=report)
+    except Exception as err:  # noqa: BLE001 - a message on the page, not a traceback
+        st.error(f"评估失败 evaluation failed: {type(err).__name__}: {err}")
+        st.stop()
+    bar.progress(1.0)
+    name = uploaded.name if uploaded is not None else DEV_FILE
+    st.session_state["eval_result"] = (name, metrics)
+
+stored = st.session_state.get("eval_result")
+if stored:
+    name, metrics = stored
+    st.subheader(f"结果 Results: {name}")
+    st.caption(f"{metrics['n']} 行 rows: {metrics['cls_n']} 分类 classification, {metrics['ie_n']} 抽取 extraction")
+    first, second = st.columns(4), st.columns(4)
+    for column, (key, label) in zip([*first, *second], HEADLINE_METRICS, strict=False):
+        column.metric(label, format_metric(metrics.get(key)))
+
+    if metrics["cls_n"]:
+        left, right = st.columns(2)
+        with left:
+            st.pyplot(confusion_figure(metrics["confusion"]))
+        with right:
+            st.markdown("**各类别 Per label**")
+            # st.table, not st.dataframe: a few rows, all columns visible in a half-width column.
+            st.table(per_label_table(metrics))
+    if metrics["ie_n"]:
+        st.markdown("**各关系 Per predicate**")
+        st.dataframe(per_predicate_table(metrics), use_container_width=True)
+
+    wrong = wrong_rows(metrics)
+    st.markdown(f"**错误的行 Wrong rows ({len(wrong)})**")
+    st.dataframe(wrong, use_container_width=True)
+
+    summary = summary_json(metrics)
+    left, right = st.columns(2)
+    left.download_button("下载 metrics.json", summary, file_name="metrics.json", mime="application/json")
+    if right.button(f"保存到模型目录 save as {model_dir / 'metrics.json'}"):
+        from model.evaluate import write_outputs
+
+        write_outputs(metrics, model_dir / "metrics.json")
+        st.success(f"saved {model_dir / 'metrics.json'}; the sidebar shows it from the next page load")
