@@ -180,8 +180,10 @@ def run_demo(cfg: DemoConfig) -> Path:
     total = time.time() - started
     steps = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in timings.items())
     print(f"\ndemo finished in {total / 60:.1f} min ({steps})")
-    print(f"dev: category accuracy {metrics.get('cls_accuracy')}, macro-F1 {metrics.get('cls_macro_f1')}, "
-          f"triple F1 {metrics.get('triple_f1')}, parse rate {metrics.get('parse_rate')}")
+    shown = {key: "-" if metrics.get(key) is None else f"{metrics[key]:.3f}"
+             for key in ("cls_accuracy", "cls_macro_f1", "triple_f1", "parse_rate")}
+    print(f"dev: category accuracy {shown['cls_accuracy']}, macro-F1 {shown['cls_macro_f1']}, "
+          f"triple F1 {shown['triple_f1']}, parse rate {shown['parse_rate']}")
     print(f"serve it: streamlit run app.py -- --model {merged}")
     return merged
 
