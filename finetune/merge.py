@@ -9,6 +9,7 @@ leaves a half-written model where the app looks for one. Running it twice is har
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -132,8 +133,9 @@ def merge(cfg: MergeConfig) -> Path:
     if method == "lora":
         from peft import PeftModel
 
-        base = load_model(base_dir, family, torch_dtype=compute).to(device=device, dtype=compute)
-        model = PeftModel.from_pretrained(base, str(trained_dir)).eval()
+        model = PeftModel.from_pretrained(
+            load_model(base_dir, family, torch_dtype=compute).to(device=device, dtype=compute), str(trained_dir)
+        ).eval()
         rows = verify_ids(tokenizer, family, schema)
         reference = logits_of(model, rows)
         model = model.merge_and_unload()
@@ -152,7 +154,11 @@ def merge(cfg: MergeConfig) -> Path:
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     copy_support_files(base_dir if base_dir.is_dir() else trained_dir, tmp)
+    # Free the merged model before reloading the saved one: two 6B copies do not fit a 24 GB GPU.
     del model
+    gc.collect()
+    if use_cuda:
+        torch.cuda.empty_cache()
 
     reloaded = load_model(tmp, family, torch_dtype=compute).to(device=device, dtype=compute).eval()
     saved_diff = max_diff(reference, logits_of(reloaded, rows))

@@ -66,6 +66,25 @@ def clean_text(text: object) -> tuple[str | None, list[str], str | None]:
     return text, [], None
 
 
+def left_padded_batch(lm: LoadedModel, rows: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask, extra generate kwargs) for rows of prompt ids, padded on the left.
+
+    ChatGLM's own tokenizer pads and builds what its model expects: for ChatGLM-6B v1 a 4D boolean
+    mask (prompt bidirectional, pads masked) plus 2D position ids; v1 ignores a plain 0/1 mask and
+    would attend to the pads. Other families take a 0/1 mask and number positions from it.
+    """
+    import torch
+
+    if lm.family.name.startswith("chatglm"):
+        batch = lm.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+        extra = {"position_ids": batch["position_ids"].to(lm.device)} if "position_ids" in batch else {}
+        return batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device), extra
+    longest = max(len(row) for row in rows)
+    input_ids = torch.tensor([[pad_id] * (longest - len(row)) + row for row in rows], device=lm.device)
+    mask = torch.tensor([[0] * (longest - len(row)) + [1] * len(row) for row in rows], device=lm.device)
+    return input_ids, mask, {}
+
+
 def generate_answers(
     lm: LoadedModel,
     texts: Sequence[str],
@@ -89,9 +108,7 @@ def generate_answers(
     answers: list[tuple[str, bool]] = [("", False)] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        longest = max(len(rows[i]) for i in chunk)
-        input_ids = torch.tensor([[pad_id] * (longest - len(rows[i])) + rows[i] for i in chunk], device=lm.device)
-        mask = torch.tensor([[0] * (longest - len(rows[i])) + [1] * len(rows[i]) for i in chunk], device=lm.device)
+        input_ids, mask, extra = left_padded_batch(lm, [rows[i] for i in chunk], pad_id)
         with lm.lock, torch.no_grad():
             if constrained:
                 constraints = [
@@ -101,10 +118,12 @@ def generate_answers(
                     for i in chunk
                 ]
                 generated = decoding.constrained_generate(
-                    lm.model, tok, input_ids, mask, constraints, budget, end_id, pad_id
+                    lm.model, tok, input_ids, mask, constraints, budget, end_id, pad_id, **extra
                 )
             else:
-                generated = decoding.unconstrained_generate(lm.model, tok, input_ids, mask, budget, end_id, pad_id)
+                generated = decoding.unconstrained_generate(
+                    lm.model, tok, input_ids, mask, budget, end_id, pad_id, **extra
+                )
         for i, ids in zip(chunk, generated, strict=True):
             answers[i] = (decoding.decode_answer(tok, ids), len(ids) >= budget)
         if on_batch:

@@ -45,3 +45,33 @@ def test_empty_and_long_texts_never_raise(lm):
     assert [p.error for p in preds] == ["empty text", "empty text", "empty text", None]
     assert preds[3].category in lm.schema["labels"]
     assert any("cut" in w for w in preds[3].warnings)
+
+
+def test_chatglm_batches_use_the_tokenizers_own_masks_and_positions():
+    """ChatGLM-6B v1 drops a 0/1 mask and would attend to pads: its tokenizer's pad() builds the 4D
+    mask and 2D positions, and predict passes both on (tested with a double of that tokenizer)."""
+    import torch
+
+    from finetune.families import CAUSAL, CHATGLM
+    from model.predict import left_padded_batch
+
+    class PaddingDouble:
+        def pad(self, encoded, padding, return_tensors):
+            rows = encoded["input_ids"]
+            longest = max(map(len, rows))
+            ids = torch.tensor([[3] * (longest - len(r)) + r for r in rows])
+            return {"input_ids": ids, "attention_mask": torch.zeros(len(rows), 1, longest, longest, dtype=torch.bool),
+                    "position_ids": torch.zeros(len(rows), 2, longest, dtype=torch.long)}
+
+    class Lm:
+        device, tokenizer = "cpu", PaddingDouble()
+
+    lm = Lm()
+    lm.family = CHATGLM
+    ids, mask, extra = left_padded_batch(lm, [[5, 6, 7], [8]], pad_id=3)
+    assert ids.tolist() == [[5, 6, 7], [3, 3, 8]]
+    assert mask.shape == (2, 1, 3, 3) and mask.dtype == torch.bool
+    assert extra["position_ids"].shape == (2, 2, 3)
+    lm.family = CAUSAL
+    ids, mask, extra = left_padded_batch(lm, [[5, 6, 7], [8]], pad_id=0)
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]] and extra == {}
