@@ -881,20 +881,10 @@ def constrained_generate(
             raise ValueError(f"jump-forward decoding is not available: {reason}")
         decoder = JumpForwardDecoder(model, processor, max_new_tokens, pad_token_id, prefix_cache=prefix_cache)
         return decoder.run(input_ids, attention_mask)
-    with torch.no_grad():
-        sequences = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_processor=LogitsProcessorList([processor]),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=end_token_id,
-            pad_token_id=pad_token_id,
-            **generate_kwargs,
-        )
-    return _answers(sequences, input_ids.shape[1], end_token_id, pad_token_id)
+    return _greedy_generate(
+        model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
+        logits_processor=LogitsProcessorList([processor]), **generate_kwargs,
+    )
 
 
 class JumpForwardDecoder:
@@ -1281,6 +1271,12 @@ def unconstrained_generate(
     **generate_kwargs,
 ) -> list[list[int]]:
     """The same greedy generation without constraints, for comparison."""
+    return _greedy_generate(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
+                            **generate_kwargs)
+
+
+def _greedy_generate(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id, **generate_kwargs):
+    """HF generate, greedy with the KV cache; the answers without prompt, padding or end token."""
     with torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids,
