@@ -53,7 +53,6 @@ def corpus_chars(data_dir: str | Path) -> list[str]:
 def build_char_tokenizer(chars: list[str]):
     """A fast tokenizer with one token per character and decoding that joins them back exactly."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
     for ch in chars:
@@ -62,6 +61,13 @@ def build_char_tokenizer(chars: list[str]):
     # [\s\S] so newlines are characters too; every character is its own token.
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
+    return wrap_tokenizer(core)
+
+
+def wrap_tokenizer(core):
+    """A transformers fast tokenizer around a tokenizers.Tokenizer with the project's special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=SPECIAL_TOKENS["pad"],

@@ -22,7 +22,7 @@ from finetune.data import (
     load_split,
 )
 from finetune.families import CAUSAL
-from finetune.tiny import SPECIAL_TOKENS, TinyConfig, build_tiny, corpus_chars
+from finetune.tiny import SPECIAL_TOKENS, TinyConfig, build_tiny, corpus_chars, wrap_tokenizer
 from model.decoding import (
     PREFIX_CACHE,
     CategoryConstraint,
@@ -81,21 +81,6 @@ def tiny(tmp_path_factory, data_dir):
     return tokenizer, model
 
 
-def _fast_tokenizer(core):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=SPECIAL_TOKENS["pad"],
-        unk_token=SPECIAL_TOKENS["unk"],
-        bos_token=SPECIAL_TOKENS["bos"],
-        eos_token=SPECIAL_TOKENS["eos"],
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-        clean_up_tokenization_spaces=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def multichar_tokenizer(data_dir, train, schema):
     """A unigram tokenizer whose tokens span several characters, some across grammar pieces ('"}, {"predicate": "')."""
@@ -116,7 +101,7 @@ def multichar_tokenizer(data_dir, train, schema):
             vocab.append((tok, -1.0))  # equal scores: Viterbi picks the fewest tokens
     core = Tokenizer(models.Unigram(vocab, unk_id=1))
     core.decoder = decoders.Fuse()
-    return _fast_tokenizer(core)
+    return wrap_tokenizer(core)
 
 
 @pytest.fixture(scope="module")

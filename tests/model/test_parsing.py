@@ -24,7 +24,6 @@ from model.parsing import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA_DIR = ROOT / "data"
 LABELS = ["书籍", "平板", "水果", "洗浴", "电脑", "蒙牛", "衣服", "酒店"]
 SCHEMA = {
     "labels": LABELS,
@@ -44,17 +43,9 @@ STAR_JSON = (
 DIRECTOR_JSON = STAR_JSON.replace("主演", "导演")
 
 
-def load_train() -> list[data.Example]:
-    """The reference training rows; a missing file fails (never skips) and says how to get it."""
-    path = DATA_DIR / data.TRAIN_FILE
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: run `make data` to copy the reference data set into data/")
-    return data.read_jsonl(path)
-
-
 @pytest.fixture(scope="module")
-def train() -> list[data.Example]:
-    return load_train()
+def train(data_dir) -> list[data.Example]:
+    return data.load_split(data_dir, "train")
 
 
 def fenced(body: str) -> str:

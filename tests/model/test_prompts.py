@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 
 from finetune import data
 from model.prompts import TASKS, build_prompt, default_phrasing
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
-
-
-def load_train() -> list[data.Example]:
-    """The reference training rows; a missing file fails (never skips) and says how to get it."""
-    path = DATA_DIR / data.TRAIN_FILE
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: run `make data` to copy the reference data set into data/")
-    return data.read_jsonl(path)
-
 
 @pytest.fixture(scope="module")
-def train() -> list[data.Example]:
-    return load_train()
+def train(data_dir) -> list[data.Example]:
+    return data.load_split(data_dir, "train")
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +140,8 @@ def test_build_prompt_does_not_mutate_schema():
     assert schema == before
 
 
-def test_every_dev_row_rebuilds_its_context_with_the_train_schema(schema):
+def test_every_dev_row_rebuilds_its_context_with_the_train_schema(schema, data_dir):
     # Serving uses the schema saved at training time; dev rows must come out identical with it.
-    path = DATA_DIR / data.DEV_FILE
-    if not path.is_file():
-        pytest.fail(f"{path} is missing: run `make data` to copy the reference data set into data/")
-    dev = data.read_jsonl(path)
+    dev = data.load_split(data_dir, "dev")
     assert len(dev) == 122
     assert [ex.line for ex in dev if build_prompt(schema, ex.text, ex.task, ex.phrasing) != ex.context] == []
