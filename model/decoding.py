@@ -992,7 +992,10 @@ class JumpForwardDecoder:
                 mask[i, width - len(run) :] = 1
         past = None
         queue: dict[int, list[int]] = {}  # per row, chosen and forced tokens not fed yet
-        with torch.no_grad():
+        # inference_mode skips autograd's bookkeeping on every op. Only here, not around generate(): ChatGLM-6B
+        # fills its rotary cache lazily on a first forward, and tensors made in inference mode could not be
+        # used by a later training step in the same process.
+        with torch.inference_mode():
             if self.prefix_cache:
                 ids, mask, past = self._start_from_prefix(ids, mask, input_ids, attention_mask, active)
             while True:
@@ -1007,15 +1010,15 @@ class JumpForwardDecoder:
                     past, mask, active = self._shrink(past, mask, keep), mask[keep], [active[i] for i in keep]
                 # Next pass: up to `width` queued tokens per row, left-padded.
                 width = feed_width([len(queue[row]) for row in active], self._policy(device))
+                fed = []
+                for row in active:
+                    fed.append(queue[row][:width])
+                    queue[row] = queue[row][width:]
                 self.fed += width * len(active)
-                ids = torch.full((len(active), width), self.pad_token_id, dtype=ids.dtype, device=device)
-                new_mask = torch.zeros((len(active), width), dtype=mask.dtype, device=device)
-                for i, row in enumerate(active):
-                    fed, queue[row] = queue[row][:width], queue[row][width:]
-                    ids[i, width - len(fed) :] = torch.tensor(fed, dtype=ids.dtype, device=device)
-                    new_mask[i, width - len(fed) :] = 1
-                    self.padding += width - len(fed)
-                mask = torch.cat([mask, new_mask], dim=1)
+                self.padding += sum(width - len(f) for f in fed)
+                ids = torch.tensor([[self.pad_token_id] * (width - len(f)) + f for f in fed], device=device)
+                new_mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in fed], device=device)
+                mask = torch.cat([mask, new_mask.to(mask.dtype)], dim=1)
 
     def _policy(self, device: torch.device) -> str:
         if self.feed != "auto":
@@ -1095,13 +1098,14 @@ class JumpForwardDecoder:
         rows = [i for i, ids in enumerate(choices) for _ in ids]
         cols = [token for ids in choices for token in ids]
         index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-        values = logits[index].cpu()
+        values = logits[index].tolist()  # a few floats per row: Python beats a tensor op per row here
         feeds: dict[int, list[int]] = {}
         start = 0
         for row, ids in zip(active, choices, strict=True):
             scores = values[start : start + len(ids)]
             start += len(ids)
-            token = ids[0] if torch.isneginf(scores).all() else ids[int(scores.argmax())]
+            # max() keeps the first of equal scores (the lowest id, as argmax does), also when all are -inf.
+            token = ids[max(range(len(ids)), key=scores.__getitem__)]
             self.out[row].append(token)
             p.counts[row] += 1
             p.states[row] = p.pending[row][token]
