@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from finetune.families import Family, detect_family, load_model, load_tokenizer, read_config  # noqa: E402
+from model.allocator import keep_freed_memory  # noqa: E402
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 LOAD_COUNT = 0  # how many models this process loaded (the app must load one once)
@@ -116,9 +117,11 @@ def load_merged(path: str | Path, device: str | None = None, dtype: str | None =
         raise ModelLoadError(f"could not load {path} as a {family.name} model: {type(err).__name__}: {err}") from None
     model = model.to(device=device, dtype=torch_dtype).eval()
     tokenizer.padding_side = "left"  # batched generation continues every row from its last real token
+    # On a CPU the KV cache lives in process memory: see model.allocator for why and what it costs.
+    allocator = " (glibc keeps freed memory)" if device == "cpu" and keep_freed_memory() else ""
     LOAD_COUNT += 1
     n_params = sum(p.numel() for p in model.parameters())
     seconds = time.time() - started
-    print(f"loaded model {path} ({family.name}, {n_params:,} params, {device}/{dtype}) in {seconds:.1f}s",
+    print(f"loaded model {path} ({family.name}, {n_params:,} params, {device}/{dtype}) in {seconds:.1f}s{allocator}",
           file=sys.stderr, flush=True)
     return LoadedModel(path, model, tokenizer, schema, family, device, dtype, n_params, seconds)
