@@ -1,15 +1,17 @@
-"""Why labelling is only a few times faster than the tutorial's loop on a CPU: the evidence, reproducible.
+"""Where labelling's time goes on a CPU: the evidence behind bench/README.md, reproducible.
 
     python -m bench.label_profile [--model DIR] [--n-texts 64]
 
 Not a benchmark with a target; a diagnostic for bench.label_throughput (same tiny model unless
 --model is given). Prints:
   1. the cost of one decode step (KV cache on) at batch 1, 8, 32: the per-row floor batching can reach;
-     and of one pass that feeds 4-16 tokens per row (how jump-forward decoding would run);
+     and of one pass that feeds 4-16 tokens per row (what jump-forward decoding feeds);
   2. model.predict comments/s at batch sizes 1, 8, 16, 32;
-  3. how many decode steps of constrained decoding had exactly one allowed token (forced), and how
-     many forward passes a decoder that feeds forced runs in one pass ("jump-forward") would need;
-  4. the top functions of a cProfile of predict (internal time).
+  3. jump-forward decoding of the extraction answers: forward passes, tokens fed and the padding among
+     them, feeding whole runs ("all") vs at most the median queue ("median", the CPU default);
+  4. predict's time split into prompt passes, decode passes and the rest (grammar, batching, parsing),
+     and the minor page faults it takes (see model/allocator.py);
+  5. the top functions of a cProfile of predict (internal time).
 """
 
 from __future__ import annotations
@@ -43,47 +45,66 @@ def step_cost(lm, batch: int, new: int = 1, context: int = 200, steps: int = 50)
     return (time.perf_counter() - started) / steps
 
 
-def forced_steps(lm, texts: list[str]) -> dict:
-    """Per task: decode row-steps, those with >1 allowed token (decisions), forward passes now vs jump-forward."""
+def feed_policies(lm, texts: list[str]) -> dict:
+    """Per feed policy: forward passes, tokens fed after the first pass, pads among them, seconds (extraction)."""
     from model import decoding
-    from model.predict import TASKS, predict
+    from model.predict import generate_answers
+    from model.prompts import EXTRACTION
 
-    log: list[tuple[int, int, int]] = []
-    processors: list = []
-    original = decoding.GrammarLogitsProcessor._allowed
-
-    def recording(self, row, state, remaining):
-        allowed = original(self, row, state, remaining)
-        if not hasattr(self, "_bench_tag"):
-            self._bench_tag = len(processors)
-            processors.append(self)
-        log.append((self._bench_tag, row, len(allowed)))
-        return allowed
-
+    decoder_class = decoding.JumpForwardDecoder
+    original_init, original_run = decoder_class.__init__, decoder_class.run
     out = {}
-    decoding.GrammarLogitsProcessor._allowed = recording
     try:
-        for task in TASKS:
-            log.clear()
-            processors.clear()
-            predict(lm, texts, tasks=(task,))
-            steps, decisions = collections.Counter(), collections.Counter()
-            for tag, row, n_allowed in log:
-                steps[(tag, row)] += 1
-                decisions[(tag, row)] += n_allowed > 1
-            batches = collections.defaultdict(list)
-            for key, n in steps.items():
-                batches[key[0]].append((n, decisions[key]))
-            out[task] = {
-                "row_steps": sum(steps.values()),
-                "decisions": sum(decisions.values()),
-                "forward_passes": sum(max(n for n, _ in rows) for rows in batches.values()),
-                # Each pass feeds a row's forced run plus one decided token: passes = decisions + 1 per batch.
-                "jump_forward_passes": sum(max(d for _, d in rows) + 1 for rows in batches.values()),
-            }
+        for policy in ("all", "median"):
+            totals = collections.Counter()
+
+            def init(self, *args, policy=policy, **kwargs):
+                original_init(self, *args, **{**kwargs, "feed": policy})
+
+            def run(self, *args, totals=totals):
+                result = original_run(self, *args)
+                totals.update(passes=self.passes, fed=self.fed, padding=self.padding)
+                return result
+
+            decoder_class.__init__, decoder_class.run = init, run
+            started = time.perf_counter()
+            answers = generate_answers(lm, texts, EXTRACTION)
+            out[policy] = {**totals, "seconds": time.perf_counter() - started, "answers": answers}
     finally:
-        decoding.GrammarLogitsProcessor._allowed = original
+        decoder_class.__init__, decoder_class.run = original_init, original_run
     return out
+
+
+def time_split(lm, texts: list[str]) -> dict:
+    """Seconds of predict(texts) in first (prompt) passes, later (decode) passes and the rest; minor faults."""
+    import resource
+
+    from model import decoding
+    from model.predict import predict
+
+    decoder_class = decoding.JumpForwardDecoder
+    original = decoder_class._forward
+    split = collections.Counter()
+
+    def forward(self, ids, mask, past):
+        started = time.perf_counter()
+        result = original(self, ids, mask, past)
+        first = not getattr(self, "_profiled", False)
+        self._profiled = True
+        split["prompt passes" if first or past is None else "decode passes"] += time.perf_counter() - started
+        return result
+
+    decoder_class._forward = forward
+    try:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        started = time.perf_counter()
+        predict(lm, texts)
+        total = time.perf_counter() - started
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    finally:
+        decoder_class._forward = original
+    split["rest"] = total - sum(split.values())
+    return {"total": total, "split": dict(split), "minor_faults": faults}
 
 
 def main(argv=None) -> None:
@@ -123,14 +144,22 @@ def main(argv=None) -> None:
         predict(lm, sub, batch_size=batch)
         print(f"   batch_size {batch:>2}: {len(sub) / (time.perf_counter() - started):6.2f} comments/s")
 
-    print("\n3. constrained decoding: forced steps (batch 8)")
-    for task, s in forced_steps(lm, texts).items():
-        fewer = s["forward_passes"] / s["jump_forward_passes"]
-        print(f"   {task}: {s['row_steps']} row-steps, {s['decisions']} with a choice "
-              f"({s['decisions'] / s['row_steps']:.0%}); forward passes {s['forward_passes']}, "
-              f"with jump-forward ~{s['jump_forward_passes']} ({fewer:.1f}x fewer)")
+    print("\n3. jump-forward decoding of the extraction answers (batches of 8)")
+    policies = feed_policies(lm, texts)
+    for policy, r in policies.items():
+        real = r["fed"] - r["padding"]
+        print(f"   feed {policy:>6}: {r['passes']} forward passes, {r['fed']:,} tokens fed after the first pass, "
+              f"{r['padding']:,} of them padding ({r['padding'] / max(1, r['fed']):.0%}; real {real:,}), "
+              f"{r['seconds']:.2f} s")
+    same = policies["all"]["answers"] == policies["median"]["answers"]
+    print(f"   same answers both ways: {same}")
 
-    print("\n4. cProfile of predict(texts), top 15 by internal time")
+    print("\n4. where predict's time goes (both tasks)")
+    split = time_split(lm, texts)
+    parts = ", ".join(f"{name} {sec:.2f} s ({sec / split['total']:.0%})" for name, sec in split["split"].items())
+    print(f"   {len(texts)} texts in {split['total']:.2f} s: {parts}; {split['minor_faults']:,} minor page faults")
+
+    print("\n5. cProfile of predict(texts), top 15 by internal time")
     profile = cProfile.Profile()
     profile.enable()
     predict(lm, texts)
