@@ -319,7 +319,7 @@ def train(cfg: TrainConfig) -> Path:
         group_by_length=cfg.group_by_length,
         fp16=precision == "fp16",
         bf16=precision == "bf16",
-        no_cuda=not use_cuda,
+        use_cpu=not use_cuda,  # transformers 4.33 deprecates no_cuda for it
         ddp_backend=None if use_cuda else ("gloo" if world_size > 1 else None),
         ddp_find_unused_parameters=False if world_size > 1 else None,
         deepspeed=cfg.deepspeed,
