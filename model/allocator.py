@@ -4,8 +4,9 @@ Why: transformers appends to the KV cache with torch.cat, so every forward pass 
 key and value tensors again, a little larger than the last time. glibc serves a block that size with a
 fresh mmap (its mmap threshold only rises to the size of the last block freed, which was smaller) and
 unmaps it on free, so the kernel zero-fills every page again on first touch. Measured with
-`python -m bench.label_throughput` on the tiny model (2-core CPU box): 400-680k minor page faults and
-0.7-1.2 s of system time in 5 x 200 texts; with these settings 75k faults and 15% more comments/s.
+the bench's tiny model on the 2-core CPU box: 400-680k minor page faults and 0.7-1.2 s of system
+time for 5 x 200 texts through model.predict; with these settings 75k faults, 0.2-0.3 s, and 11-17%
+more comments/s (paired bench.label_throughput runs and paired predict timings).
 
 The settings are glibc's own (mallopt(3)): blocks up to 64 MB come from the heap, and up to 256 MB of
 freed heap stays with the process instead of going back to the kernel, so resident memory can stay that
