@@ -47,11 +47,11 @@ def step_cost(lm, batch: int, new: int = 1, context: int = 200, steps: int = 50)
 
 def feed_policies(lm, texts: list[str]) -> dict:
     """Per feed policy: forward passes, tokens fed after the first pass, pads among them, seconds (extraction)."""
-    from model import decoding
+    from model import jump_forward
     from model.predict import generate_answers
     from model.prompts import EXTRACTION
 
-    decoder_class = decoding.JumpForwardDecoder
+    decoder_class = jump_forward.JumpForwardDecoder
     original_init, original_run = decoder_class.__init__, decoder_class.run
     out = {}
     try:
@@ -79,10 +79,10 @@ def time_split(lm, texts: list[str]) -> dict:
     """Seconds of predict(texts) in first (prompt) passes, later (decode) passes and the rest; minor faults."""
     import resource
 
-    from model import decoding
+    from model import jump_forward
     from model.predict import predict
 
-    decoder_class = decoding.JumpForwardDecoder
+    decoder_class = jump_forward.JumpForwardDecoder
     original = decoder_class._forward
     split = collections.Counter()
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from finetune.data import truncate_prompt
-from model import decoding
+from model import decoding, grammar, vocab
 from model.load import LoadedModel
 from model.parsing import Triple, format_category, parse_category, parse_triples
 from model.prompts import CLASSIFICATION, EXTRACTION, build_prompt
@@ -112,9 +112,9 @@ def generate_answers(
         with lm.lock, torch.no_grad():
             if constrained:
                 constraints = [
-                    decoding.CategoryConstraint(lm.schema["labels"])
+                    grammar.CategoryConstraint(lm.schema["labels"])
                     if task == CLASSIFICATION
-                    else decoding.TripleConstraint(lm.schema, texts[i], max_triples=max_triples)
+                    else grammar.TripleConstraint(lm.schema, texts[i], max_triples=max_triples)
                     for i in chunk
                 ]
                 generated = decoding.constrained_generate(
@@ -125,7 +125,7 @@ def generate_answers(
                     lm.model, tok, input_ids, mask, budget, end_id, pad_id, **extra
                 )
         for i, ids in zip(chunk, generated, strict=True):
-            answers[i] = (decoding.decode_answer(tok, ids), len(ids) >= budget)
+            answers[i] = (vocab.decode_answer(tok, ids), len(ids) >= budget)
         if on_batch:
             on_batch(len(chunk))
     return answers

@@ -24,19 +24,14 @@ from finetune.data import (
 from finetune.families import CAUSAL
 from finetune.tiny import SPECIAL_TOKENS, TinyConfig, build_tiny, corpus_chars, wrap_tokenizer
 from model.decoding import (
-    PREFIX_CACHE,
-    CategoryConstraint,
     GrammarLogitsProcessor,
-    JumpForwardDecoder,
-    TripleConstraint,
-    Vocab,
     constrained_generate,
-    decode_answer,
-    feed_width,
     jump_forward_unsupported,
     unconstrained_generate,
-    vocab_for,
 )
+from model.grammar import CategoryConstraint, TripleConstraint
+from model.jump_forward import PREFIX_CACHE, JumpForwardDecoder, feed_width
+from model.vocab import Vocab, decode_answer, vocab_for
 
 EMPTY_TRIPLES = JSON_FENCE_OPEN + "[]" + JSON_FENCE_CLOSE
 
