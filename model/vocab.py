@@ -100,17 +100,9 @@ class Vocab:
             stack.extend(child for ch, child in node.items() if ch != IDS)
 
     def _tok_cost(self, text: str) -> float:
-        """Fewest tokens whose strings concatenate to exactly `text` (inf if none)."""
-        best = [INF] * len(text) + [0]
-        for i in range(len(text) - 1, -1, -1):
-            node = self.root
-            for j in range(i, len(text)):
-                node = node.get(text[j])
-                if node is None:
-                    break
-                if IDS in node and best[j + 1] + 1 < best[i]:
-                    best[i] = best[j + 1] + 1
-        return best[0]
+        """Fewest tokens whose strings concatenate to exactly `text` (inf if none): the length of `split`."""
+        ids = self.split(text)
+        return INF if ids is None else len(ids)
 
     def _split(self, text: str) -> tuple[int, ...] | None:
         """Token ids spelling exactly `text` in the fewest tokens (tok_cost of them), None if impossible.
