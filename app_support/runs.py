@@ -78,16 +78,21 @@ def read_config(run_dir: Path | str) -> dict | None:
 
 
 def summary(records: list[dict]) -> dict:
-    """Last step, last train loss and best eval loss of a run (None when not logged)."""
+    """Last step, last train loss, best eval loss, and the last sample decode's well-formed and correct
+    rates (finetune/sample_decode.py) of a run; None when not logged."""
     steps, losses = series(records, "loss")
     eval_steps, eval_losses = series(records, "eval_loss")
     best = min(range(len(eval_losses)), key=eval_losses.__getitem__) if eval_losses else None
     last_step = max((r["step"] for r in records), default=None)
+    _, well_formed = series(records, "sample_well_formed")
+    _, correct = series(records, "sample_correct")
     return {
         "last_step": last_step,
         "last_loss": losses[-1] if losses else None,
         "best_eval_loss": eval_losses[best] if best is not None else None,
         "best_eval_step": eval_steps[best] if best is not None else None,
+        "sample_well_formed": well_formed[-1] if well_formed else None,
+        "sample_correct": correct[-1] if correct else None,
     }
 
 

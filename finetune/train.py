@@ -5,7 +5,8 @@ r"""LoRA (or full) fine-tuning on {context, target} jsonl with transformers Trai
 
 Multi-GPU: the same command under `torchrun --nproc_per_node N -m finetune.train ...` or
 `accelerate launch -m finetune.train ...` (DDP). Outputs in runs/NAME/:
-adapter/ (best by eval loss; model/ with --method full), checkpoints/, train_log.jsonl,
+adapter/ (best by eval loss; model/ with --method full), checkpoints/, train_log.jsonl (loss, lr,
+eval loss, and at each evaluation a few dev rows answered and parsed: see finetune/sample_decode.py),
 train_config.json, schema.json.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from finetune import data as D
 from finetune.config import parse_config
 from finetune.families import Family, family_of_dir, load_model, load_tokenizer
+from finetune.sample_decode import make_sample_decode_callback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,6 +61,10 @@ class TrainConfig:
     )
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "default: on for GPU"})
     group_by_length: bool = True
+    sample_decode: int = field(
+        default=4,
+        metadata={"help": "dev rows answered and parsed at each evaluation, printed and logged (0: off)"},
+    )
     seed: int = 42
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in output_dir"})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (multi-GPU)"})
@@ -74,6 +80,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "lora_r", "max_source_len", "max_target_len", "logging_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.sample_decode < 0:
+            problems.append(f"--sample-decode must be >= 0, got {self.sample_decode}")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"--max-steps must be -1 or >= 1, got {self.max_steps}")
         if self.max_steps == -1 and self.epochs <= 0:
@@ -335,13 +343,16 @@ def train(cfg: TrainConfig) -> Path:
     collator = D.PadToLongestCollator(
         pad_token_id=tokenizer.pad_token_id, with_attention_mask=family.attention_mask_in_training
     )
+    sample_decode = make_sample_decode_callback(
+        dev_rows, cfg.sample_decode, tokenizer, schema, family, log_path, precision
+    )
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=dev_set or None,
         data_collator=collator,
-        callbacks=[make_log_callback(log_path)],
+        callbacks=[make_log_callback(log_path)] + ([sample_decode] if sample_decode else []),
     )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     print(

@@ -65,8 +65,15 @@ def test_read_log_skips_broken_lines(tmp_path):
 def test_series_and_summary():
     assert series(LOG, "loss") == ([5, 10], [3.0, 2.0])
     assert series(LOG, "eval_loss") == ([6, 12], [2.9, 2.5])
-    assert summary(LOG) == {"last_step": 12, "last_loss": 2.0, "best_eval_loss": 2.5, "best_eval_step": 12}
-    assert summary([]) == {"last_step": None, "last_loss": None, "best_eval_loss": None, "best_eval_step": None}
+    none = {"sample_well_formed": None, "sample_correct": None}
+    assert summary(LOG) == {"last_step": 12, "last_loss": 2.0, "best_eval_loss": 2.5, "best_eval_step": 12, **none}
+    assert summary([]) == {"last_step": None, "last_loss": None, "best_eval_loss": None, "best_eval_step": None,
+                           **none}
+    # The last sample decode's rates (finetune/sample_decode.py logs them after each evaluation).
+    sampled = LOG + [{"step": 6, "sample_n": 4, "sample_well_formed": 0.25, "sample_correct": 0.0},
+                     {"step": 12, "sample_n": 4, "sample_well_formed": 0.75, "sample_correct": 0.5}]
+    assert summary(sampled)["sample_well_formed"] == 0.75 and summary(sampled)["sample_correct"] == 0.5
+    assert summary(sampled)["last_loss"] == 2.0  # sample records carry no loss
 
 
 def test_read_config_and_config_table(tmp_path):

@@ -33,6 +33,11 @@ def test_acceptance_run_logs_falling_loss_and_saves_everything(trained_run):
     assert (trained_run / "adapter" / "adapter_model.safetensors").is_file()
     schema = json.loads((trained_run / "adapter" / "schema.json").read_text())
     assert len(schema["labels"]) == 8 and schema["answer_tokens"]["extraction"] > 100
+    # After each evaluation a few dev rows are answered and parsed (finetune/sample_decode.py).
+    eval_steps = [r["step"] for r in log if "eval_loss" in r]
+    samples = [r for r in log if "sample_n" in r]
+    assert [r["step"] for r in samples] == eval_steps
+    assert all(r["sample_n"] == 4 and 0 <= r["sample_correct"] <= r["sample_well_formed"] <= 1 for r in samples)
 
 
 @pytest.fixture()
