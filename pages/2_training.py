@@ -39,11 +39,14 @@ with left:
     st.pyplot(loss_figure(logs))
     if cjk_font_name() is None:
         st.caption("没有找到中文字体 no CJK font found: install fonts-noto-cjk for Chinese plot labels")
-    st.dataframe(pd.DataFrame([{"run": name, **summary(records)} for name, records in logs.items()]),
-                 use_container_width=True)
 with right:
     st.markdown("**训练配置 train_config.json**")
     st.table(pd.DataFrame(config_table(configs)))
+# Full width: the summary has a column per logged quantity, the sample-decode rates included.
+st.markdown("**摘要 summary** (sample_*: 每次评估后抽样解码的可解析率 / 正确率 parse and correct rates of the dev rows "
+            "decoded after the last evaluation)")
+st.dataframe(pd.DataFrame([{"run": name, **summary(records)} for name, records in logs.items()]),
+             use_container_width=True)
 for name in chosen:
     with st.expander(f"{name}: train_config.json (全部 all fields)"):
         if configs[name] is None:

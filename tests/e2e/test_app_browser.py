@@ -185,7 +185,8 @@ def test_training_page_plots_the_loss(page, server):
     page.locator('[data-testid="stSidebarNav"] a', has_text="training").click()
     image = page.wait_for_selector('[data-testid="stImage"] img')
     page.wait_for_function("img => img.complete && img.naturalWidth > 300", arg=image)
-    assert "train_config.json" in page.inner_text("section.main")
+    text = page.inner_text("section.main")
+    assert "train_config.json" in text and "摘要 summary" in text  # the runs' summary, sample-decode rates included
     no_exception(page)
     screenshot(page, "3_training")
 
