@@ -73,6 +73,13 @@ def machine_line() -> str:
     )
 
 
+def print_comparison(rows: list[tuple[str, str, str]], label_width: int, column_width: int) -> None:
+    """A baseline | ours table: one (label, baseline value, ours value) row per line, values already formatted."""
+    print(f"\n{'':{label_width}}{'baseline':>{column_width}}{'ours':>{column_width}}")
+    for label, baseline, ours in rows:
+        print(f"{label:{label_width}}{baseline:>{column_width}}{ours:>{column_width}}")
+
+
 def verdict(ratio: float, target: float) -> str:
     return "PASS" if ratio >= target else "SHORT"
 

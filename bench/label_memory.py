@@ -16,7 +16,6 @@ length. Both tasks still run for every row, through the same code as any other m
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -25,8 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from finetune.config import parse_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -53,11 +54,7 @@ class BenchConfig:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(BenchConfig):
-        kind = int if f.type in ("int", int) else None
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = parse_config(BenchConfig, argv, __doc__)
     if not (Path(cfg.data_dir) / "mixed_train_dataset.jsonl").is_file():
         raise SystemExit(f"--data-dir {cfg.data_dir}: no mixed_train_dataset.jsonl (run `make data`)")
     if len(cfg.row_counts()) < 2:

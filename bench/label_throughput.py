@@ -21,14 +21,14 @@ in the exact training format (the check model.predict records in Prediction.well
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import build_trained_model, machine_line, percentile, set_threads, verdict
+from bench.common import build_trained_model, machine_line, percentile, print_comparison, set_threads, verdict
+from finetune.config import parse_config
 
 TARGET_RATIO = 10.0
 BASELINE, OURS = "baseline", "ours"
@@ -66,11 +66,7 @@ class BenchConfig:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(BenchConfig):
-        kind = int if f.type in ("int", int) else None
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = parse_config(BenchConfig, argv, __doc__)
     cfg.validate()
     return cfg
 
@@ -268,7 +264,6 @@ def print_report(results: dict) -> None:
             return " / ".join(format(v, spec) for v in value.values())
         return format(value, spec)
 
-    print(f"\n{'':34}{'baseline':>18}{'ours':>18}")
     rows = [
         ("comments/s (both tasks each)", "comments_per_s", ".2f"),
         ("labelling seconds", "seconds", ".1f"),
@@ -281,8 +276,9 @@ def print_report(results: dict) -> None:
         ("new tokens/answer cls / ie", "mean_new_tokens", ".1f"),
         ("hit token limit cls / ie", "hit_limit_rate", ".1%"),
     ]
-    for label, key, spec in rows:
-        print(f"{label:34}{fmt(results[BASELINE][key], spec):>18}{fmt(results[OURS][key], spec):>18}")
+    print_comparison(
+        [(label, fmt(results[BASELINE][key], spec), fmt(results[OURS][key], spec)) for label, key, spec in rows], 34, 18
+    )
     ratio = results[OURS]["comments_per_s"] / results[BASELINE]["comments_per_s"]
     parse_ok = results[OURS]["parse_rate"] == 1.0
     print(f"\nRATIO label comments/s ours/baseline = {ratio:.2f}x (target >= {TARGET_RATIO:.0f}x: "

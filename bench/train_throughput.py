@@ -19,17 +19,17 @@ on the same dev rows computed the same way (padding does not change a row's loss
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import current_rss_mb, machine_line, peak_rss_mb, set_threads, verdict
+from bench.common import current_rss_mb, machine_line, peak_rss_mb, print_comparison, set_threads, verdict
+from finetune.config import parse_config
 
 TARGET_RATIO = 3.0
 BASELINE, OURS = "baseline", "ours"
@@ -72,16 +72,7 @@ class BenchConfig:
 
 
 def parse_args(argv=None) -> BenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(BenchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.type in ("int", int):
-            parser.add_argument(flag, type=int, default=f.default)
-        else:
-            parser.add_argument(flag, default=f.default)
-    cfg = BenchConfig(**vars(parser.parse_args(argv)))
+    cfg = parse_config(BenchConfig, argv, __doc__)
     cfg.validate()
     return cfg
 
@@ -397,7 +388,6 @@ def print_report(results: dict, cfg: BenchConfig) -> None:
     def mb(value):
         return "-" if value is None else f"{value:,.0f} MB"
 
-    print(f"\n{'':28}{'baseline':>16}{'ours':>16}")
     rows = [
         ("real tokens/s", "real_tokens_per_s", "{:,.0f}"),
         ("samples/s", "samples_per_s", "{:.2f}"),
@@ -409,10 +399,9 @@ def print_report(results: dict, cfg: BenchConfig) -> None:
         ("dev loss before", "dev_loss_initial", "{:.4f}"),
         ("dev loss after", "dev_loss_final", "{:.4f}"),
     ]
-    for label, key, fmt in rows:
-        print(f"{label:28}{fmt.format(results[BASELINE][key]):>16}{fmt.format(results[OURS][key]):>16}")
-    peaks = [mb(results[way]["peak_rss_mb"]) for way in (BASELINE, OURS)]
-    print(f"{'peak RSS (own subprocess)':28}{peaks[0]:>16}{peaks[1]:>16}")
+    table = [(label, fmt.format(results[BASELINE][key]), fmt.format(results[OURS][key])) for label, key, fmt in rows]
+    table.append(("peak RSS (own subprocess)", mb(results[BASELINE]["peak_rss_mb"]), mb(results[OURS]["peak_rss_mb"])))
+    print_comparison(table, 28, 16)
     tok_ratio = results[OURS]["real_tokens_per_s"] / results[BASELINE]["real_tokens_per_s"]
     sample_ratio = results[OURS]["samples_per_s"] / results[BASELINE]["samples_per_s"]
     print(f"\nRATIO train real tokens/s ours/baseline = {tok_ratio:.2f}x "

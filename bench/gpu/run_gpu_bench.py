@@ -22,13 +22,14 @@ Import-safe on a machine without CUDA; nothing touches the GPU until main() runs
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from finetune.config import parse_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -89,16 +90,7 @@ class GpuBenchConfig:
 
 
 def parse_args(argv=None) -> GpuBenchConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = GpuBenchConfig()
-    for name, value in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true")
-        else:
-            kind = type(value) if value is not None else str
-            parser.add_argument(flag, type=kind, default=value)
-    return GpuBenchConfig(**vars(parser.parse_args(argv)))
+    return parse_config(GpuBenchConfig, argv, __doc__)
 
 
 # --------------------------------------------------------------------------- setup
@@ -242,22 +234,31 @@ def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def unless_oom(model, step):
+    """step()'s result, or None after freeing memory when it ran out of (GPU) memory; other errors propagate."""
+    import torch
+
+    try:
+        return step()
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+        if not is_oom(err):
+            raise
+    # Outside the except block, so the traceback no longer pins the failed step's tensors.
+    free_memory(model)
+    return None
+
+
 def search_batches(cfg: GpuBenchConfig, model, optimizer, make_batch, device, dtype, autocast, started) -> list:
     """Batch 1, then doubling until OOM / --max-batch / the time budget, then bisection to the largest fit."""
-    import torch
 
     results, good, bad = [], 0, None
     batch = 1
     while batch <= cfg.max_batch and time.perf_counter() - started < cfg.time_budget_s:
-        r = None
-        try:
-            r = time_training(model, optimizer, make_batch, batch, cfg.train_steps, device, dtype, autocast)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-            if not is_oom(err):
-                raise
+        r = unless_oom(
+            model,
+            lambda b=batch: time_training(model, optimizer, make_batch, b, cfg.train_steps, device, dtype, autocast),
+        )
         if r is None:
-            # Outside the except block, so the traceback no longer pins the failed step's tensors.
-            free_memory(model)
             print(f"  batch {batch}: out of memory", flush=True)
             bad = batch
         else:
@@ -376,14 +377,10 @@ def main(argv=None) -> dict:
         if time.perf_counter() - started > cfg.time_budget_s + 30:
             print(f"  batch {batch}: skipped (time budget)", flush=True)
             continue
-        r = None
-        try:
-            r = time_generation(model, cfg, batch, vocab, device, prompt_ids, family.name != "chatglm")
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
-            if not is_oom(err):
-                raise
+        r = unless_oom(
+            model, lambda b=batch: time_generation(model, cfg, b, vocab, device, prompt_ids, family.name != "chatglm")
+        )
         if r is None:
-            free_memory(model)
             print(f"  batch {batch}: out of memory", flush=True)
             continue
         gen_results.append(r)
