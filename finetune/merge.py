@@ -86,21 +86,61 @@ def copy_support_files(base_dir: Path, out_dir: Path) -> None:
             shutil.copy2(path, out_dir / path.name)
 
 
-def clean_stale(out_dir: Path) -> None:
-    """Leftovers of a killed earlier merge (never the model in place)."""
-    for stale in out_dir.parent.glob(out_dir.name + ".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in out_dir.parent.glob(out_dir.name + ".old-*"):
+# Side directories of a merge. No '.' in their names: remote code (trust_remote_code) is imported as the
+# Python module transformers_modules.<directory name>, and a '.' would make that a package path.
+TMP_MARK, OLD_MARK = "_tmp_", "_old_"
+
+
+def side_dir(out_dir: Path, mark: str) -> Path:
+    return out_dir.parent / f"{out_dir.name}{mark}{os.getpid()}"
+
+
+def check_output_name(out_dir: Path, family: Family) -> None:
+    if family.trust_remote_code and "." in out_dir.name:
+        raise MergeError(
+            f"--output-dir {out_dir}: a {family.name} model loads its code as a Python module named after its "
+            f"directory, so the name may not contain '.'; use e.g. {out_dir.name.replace('.', '_')}"
+        )
+
+
+def recover_or_clean(out_dir: Path) -> None:
+    """Leftovers of a killed earlier merge. A merge killed between its two renames leaves the previous
+    model only as RUN/merged_old_<pid>: put it back. A half-written merged_tmp_<pid> is deleted."""
+    for pattern in (TMP_MARK + "*", ".tmp-*"):  # .tmp-*: what merges before this naming left behind
+        for stale in out_dir.parent.glob(out_dir.name + pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+    olds = sorted(out_dir.parent.glob(out_dir.name + OLD_MARK + "*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out_dir.exists():
+        olds.pop().rename(out_dir)
+        print(f"restored {out_dir} from the copy a killed merge had moved aside")
+    for stale in olds:
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Swap tmp into out_dir with renames only, so readers see the old model or the new one."""
-    old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+    """Swap tmp into out_dir with renames only; a kill between them is undone by recover_or_clean."""
+    old = side_dir(out_dir, OLD_MARK)
     if out_dir.exists():
         out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_saved(tmp, family, dtype, compute, device, rows, reference, out_dir) -> tuple[float, float]:
+    """Reload the saved model the way users will and compare its logits with the adapter model's;
+    returns (max |diff|, tolerance) or raises MergeError."""
+    import torch
+
+    reloaded = load_model(tmp, family, torch_dtype=compute).to(device=device, dtype=compute).eval()
+    saved_diff = max_diff(reference, logits_of(reloaded, rows))
+    del reloaded
+    tolerance = TOLERANCE[dtype] if compute == torch.float32 else TOLERANCE["bf16"]
+    if not saved_diff <= tolerance:  # also catches NaN
+        raise MergeError(
+            f"merged model differs from the adapter model: max |logit diff| {saved_diff:.4g} "
+            f"> {tolerance} ({dtype}); nothing was written to {out_dir}"
+        )
+    return saved_diff, tolerance
 
 
 def merge(cfg: MergeConfig) -> Path:
@@ -121,9 +161,10 @@ def merge(cfg: MergeConfig) -> Path:
     schema_path = trained_dir / "schema.json"
     schema = json.loads(schema_path.read_text(encoding="utf-8")) if schema_path.is_file() else {}
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run / "merged"
-    clean_stale(out_dir)
+    recover_or_clean(out_dir)
 
     family = detect_family(read_config(trained_dir if method == "full" else base_dir))
+    check_output_name(out_dir, family)
     use_cuda = torch.cuda.is_available()
     # On CPU compute in fp32 (half matmuls are slow or missing); on a GPU in the target dtype.
     compute = torch_dtype(cfg.dtype) if use_cuda else torch.float32
@@ -148,42 +189,36 @@ def merge(cfg: MergeConfig) -> Path:
         reference = logits_of(model, rows)
     in_memory_diff = max_diff(reference, logits_of(model, rows))
 
-    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+    tmp = side_dir(out_dir, TMP_MARK)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    model = model.to(torch_dtype(cfg.dtype))
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    copy_support_files(base_dir if base_dir.is_dir() else trained_dir, tmp)
-    # Free the merged model before reloading the saved one: two 6B copies do not fit a 24 GB GPU.
-    del model
-    gc.collect()
-    if use_cuda:
-        torch.cuda.empty_cache()
-
-    reloaded = load_model(tmp, family, torch_dtype=compute).to(device=device, dtype=compute).eval()
-    saved_diff = max_diff(reference, logits_of(reloaded, rows))
-    del reloaded
-    tolerance = TOLERANCE[cfg.dtype] if compute == torch.float32 else TOLERANCE["bf16"]
-    if saved_diff > tolerance:
+    try:
+        model = model.to(torch_dtype(cfg.dtype))
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        copy_support_files(base_dir if base_dir.is_dir() else trained_dir, tmp)
+        # Free the merged model before reloading the saved one: two 6B copies do not fit a 24 GB GPU.
+        del model
+        gc.collect()
+        if use_cuda:
+            torch.cuda.empty_cache()
+        saved_diff, tolerance = check_saved(tmp, family, cfg.dtype, compute, device, rows, reference, out_dir)
+        info = {
+            "base_model": str(base_dir),
+            "trained": str(trained_dir),
+            "method": method,
+            "family": family.name,
+            "dtype": cfg.dtype,
+            "max_logit_diff_in_memory": in_memory_diff,
+            "max_logit_diff_saved": saved_diff,
+            "tolerance": tolerance,
+            "seconds": round(time.time() - started, 2),
+        }
+        (tmp / "schema.json").write_text(json.dumps(schema, indent=2, ensure_ascii=False), encoding="utf-8")
+        (tmp / "merge_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        replace_dir(tmp, out_dir)
+    finally:
+        # Whatever failed (a check, a load, a full disk), no half-written directory stays behind.
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MergeError(
-            f"merged model differs from the adapter model: max |logit diff| {saved_diff:.4g} "
-            f"> {tolerance} ({cfg.dtype}); nothing was written to {out_dir}"
-        )
-    info = {
-        "base_model": str(base_dir),
-        "trained": str(trained_dir),
-        "method": method,
-        "family": family.name,
-        "dtype": cfg.dtype,
-        "max_logit_diff_in_memory": in_memory_diff,
-        "max_logit_diff_saved": saved_diff,
-        "tolerance": tolerance,
-        "seconds": round(time.time() - started, 2),
-    }
-    (tmp / "schema.json").write_text(json.dumps(schema, indent=2, ensure_ascii=False), encoding="utf-8")
-    (tmp / "merge_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-    replace_dir(tmp, out_dir)
     print(
         f"merged {trained_dir} into {base_dir} -> {out_dir} ({cfg.dtype}); "
         f"max |logit diff| vs adapter: {in_memory_diff:.2e} in memory, {saved_diff:.2e} after saving"

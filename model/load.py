@@ -58,7 +58,7 @@ def check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"no model at {path}; {hint}")
     if not path.is_dir():
         raise ModelLoadError(f"{path} is a file, expected a merged model directory")
-    if path.name.startswith("merged.tmp-") or ".tmp-" in path.name:
+    if "_tmp_" in path.name or ".tmp-" in path.name:
         raise ModelLoadError(f"{path} is a temporary directory of an unfinished merge; rerun finetune.merge")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a model directory; {hint}")

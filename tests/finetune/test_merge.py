@@ -81,7 +81,7 @@ def kill_mid_merge(run: Path, target: Path) -> None:
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if list(target.parent.glob(target.name + ".tmp-*")):
+        if list(target.parent.glob(target.name + merge.TMP_MARK + "*")):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             return
@@ -101,6 +101,31 @@ def test_kill_during_merge_leaves_no_half_written_model(nonzero_run, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     merge.main(["--run", str(nonzero_run), "--output-dir", str(target)])  # and the next merge cleans up
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_failed_merge_leaves_no_temporary_dir(nonzero_run, tmp_path, monkeypatch):
+    target = tmp_path / "m"
+
+    def diverges(*args, **kwargs):
+        raise merge.MergeError("merged model differs from the adapter model")
+
+    monkeypatch.setattr(merge, "check_saved", diverges)
+    with pytest.raises(SystemExit, match="differs"):
+        merge.main(["--run", str(nonzero_run), "--output-dir", str(target)])
+    assert list(tmp_path.iterdir()) == []  # no merged_tmp_<pid>, no half a model
+
+
+def test_a_model_moved_aside_by_a_killed_merge_is_put_back(nonzero_run, tmp_path):
+    target = tmp_path / "m"
+    merge.main(["--run", str(nonzero_run), "--output-dir", str(target)])
+    before = load_file(str(target / "model.safetensors"))
+    # A kill between replace_dir's two renames: the old model only exists as m_old_<pid>.
+    target.rename(tmp_path / f"m{merge.OLD_MARK}12345")
+    (tmp_path / f"m{merge.TMP_MARK}12345").mkdir()
+    merge.recover_or_clean(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    after = load_file(str(target / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_merge_names_a_run_that_is_not_one(tmp_path):
