@@ -139,10 +139,11 @@ class GrammarLogitsProcessor(LogitsProcessor):
         if not allowed:
             # max_new_tokens is below even the shortest answer: still make progress towards it.
             allowed = self._collect(automaton, state, automaton.cost(state) - 1)
-        if self.counts[row] == 0 and self.vocab.lead:
-            # The dummy-prefix space may only come inside a longer first piece ('▁```'), which decode()
-            # drops; a lone space token (sentencepiece's '<0x20>' byte) would decode to a real space.
-            allowed = {i: st for i, st in allowed.items() if self.vocab.strings[i] != self.vocab.lead}
+        if self.counts[row] == 0 and self.vocab.lead_bytes:
+            # The dummy-prefix space comes as the tokenizer writes it: inside a longer first piece ('▁```')
+            # or as the plain '▁' piece (ChatGLM-6B writes '▁', '```', ...), both dropped by decode(); a
+            # byte-fallback space ('<0x20>') would decode to a real space, so it may not open an answer.
+            allowed = {i: st for i, st in allowed.items() if i not in self.vocab.lead_bytes}
         return allowed
 
     def _collect(self, automaton: Automaton, state: State, budget: float) -> dict[int, State]:

@@ -69,10 +69,23 @@ class Vocab:
                 self.single.add(text)
         self._prefer_ordinary_pieces(tokenizer)
         self.lead = self._leading_prefix(tokenizer)
+        # Byte-fallback pieces that spell the leading prefix: never the first token of an answer.
+        lead_ids = self.ids_of(self.lead) if self.lead else []
+        pieces = tokenizer.convert_ids_to_tokens(lead_ids)
+        self.lead_bytes = frozenset(i for i, piece in zip(lead_ids, pieces, strict=True) if _is_byte_piece(piece))
         self.tok_cost = lru_cache(maxsize=65536)(self._tok_cost)
         self.split = lru_cache(maxsize=65536)(self._split)
         self.spell = lru_cache(maxsize=65536)(self._spell)
         self.skeletons: dict[tuple, Skeleton] = {}  # per-schema automaton parts (see _cached_skeleton)
+
+    def ids_of(self, text: str) -> list[int]:
+        """Ids of the tokens whose string is exactly `text`."""
+        node = self.root
+        for ch in text:
+            node = node.get(ch)
+            if node is None:
+                return []
+        return list(node.get(IDS, []))
 
     def is_atomic(self, ch: str) -> bool:
         return ch in self.single
@@ -161,7 +174,9 @@ class Vocab:
 
     def decode(self, ids: Sequence[int]) -> str:
         """The answer text exactly as the automaton saw it, without the leading dummy-prefix space."""
-        text = "".join(self.strings[i] or "" for i in ids)
+        # An id past the tokenizer (ChatGLM2/3's output layer has 230 rows no token maps to) adds nothing.
+        n = len(self.strings)
+        text = "".join((self.strings[i] if 0 <= i < n else None) or "" for i in ids)
         return text[len(self.lead) :] if self.lead and text.startswith(self.lead) else text
 
 
