@@ -78,10 +78,23 @@ def json_escaped(value: str) -> str:
 
 
 def copyable(ch: str) -> bool:
-    """Characters a span may copy: json.dumps writes them as they are (no backslash escape), and no
-    whitespace, so no entity is blank or padded with spaces. The cost: the 0.3% of reference spans
-    with an inner space ("I Do Believe") cannot be produced whole."""
-    return ch not in '"\\' and ord(ch) >= 0x20 and not ch.isspace()
+    """Characters a span may copy: json.dumps writes them as they are (no backslash escape). Blanks
+    (a space, an ideographic space) only inside a span, never first or last: see blank_ok."""
+    return ch not in '"\\' and ord(ch) >= 0x20
+
+
+def blank_ok(text: str, ok: list[bool]) -> list[bool]:
+    """Keep a blank copyable only where the run of blanks it is in is followed by a copyable non-blank
+    character, so a span that reaches a blank can always go on to a point where it may close
+    ("I Do Believe" whole, never "I Do ")."""
+    out = list(ok)
+    follows = False  # the next non-blank position after i is copyable
+    for i in range(len(text) - 1, -1, -1):
+        if text[i].isspace():
+            out[i] = ok[i] and follows
+        else:
+            follows = ok[i]
+    return out
 
 
 class Automaton:
@@ -109,18 +122,24 @@ class Automaton:
         self.text = text
         self.max_triples = max_triples
         self.tok_cost = tok_cost
-        ok = [copyable(ch) and (atomic is None or atomic(ch)) for ch in text]
+        ok = blank_ok(text, [copyable(ch) and (atomic is None or atomic(ch)) for ch in text])
+        # A span starts and closes on a non-blank: starts[i] says a span may begin at i.
+        starts = [ok[i] and not ch.isspace() for i, ch in enumerate(text)]
+        # past_blanks[e]: length of the run of blanks starting at e (0 if text[e] is no blank).
+        self._past_blanks = [0] * (len(text) + 1)
+        for i in range(len(text) - 1, -1, -1):
+            self._past_blanks[i] = self._past_blanks[i + 1] + 1 if text[i].isspace() else 0
         # run_end[i]: first position >= i that a span cannot copy, so text[e:e+k] is copyable iff e+k <= run_end[e].
         self._run_end = [len(text)] * (len(text) + 1)
         for i in range(len(text) - 1, -1, -1):
             self._run_end[i] = self._run_end[i + 1] if ok[i] else i
         first: dict[str, list[int]] = {}
         for i, ch in enumerate(text):
-            if ok[i]:
+            if starts[i]:
                 first.setdefault(ch, []).append(i + 1)
         self._first = {ch: tuple(ends) for ch, ends in first.items()}
-        self._starts = tuple(i for i in range(len(text)) if ok[i])
-        self._lstar = self._shortest_free_subject_lengths(ok)
+        self._starts = tuple(i for i in range(len(text)) if starts[i])
+        self._lstar = self._shortest_free_subject_lengths(starts)
         self.node_cost = skeleton.static_costs(1 if self._starts else INF)
         self.start = start
 
@@ -204,7 +223,15 @@ class Automaton:
             yield '"', self._close(state, node)
 
     def _may_close(self, state: State, node: Node) -> bool:
+        if state.span[-1:].isspace():
+            return False
         return node.role != SUBJECT or state.span not in self._forbidden_subjects(state)
+
+    def _to_nonblank(self, state: State) -> int:
+        """Characters an open span must still copy before it may close (0 unless it ends in a blank)."""
+        if not state.span[-1:].isspace():
+            return 0
+        return 1 + min(self._past_blanks[end] for end in state.alive)
 
     def _close(self, state: State, node: Node) -> State:
         fields = state.fields + (state.span,)
@@ -242,6 +269,9 @@ class Automaton:
         if node.role == SUBJECT:
             return self._min_extension(state) + self.node_cost[node.next]
         if state.span:  # an object that may close now
+            more = self._to_nonblank(state)
+            if more:  # it ends in a blank: a few more characters, then any object (fewer shared fields: a bound)
+                return more + self.node_cost[node.next] + self._extra(state.fields, state.emitted)
             return self.node_cost[node.next] + self._extra(state.fields + (state.span,), state.emitted)
         return self.node_cost[state.node] + self._extra(state.fields, state.emitted)
 
@@ -275,13 +305,14 @@ class Automaton:
             for end in ends:
                 if end + k <= self._run_end[end]:
                     any_candidate = True
-                    if state.span + self.text[end : end + k] not in forbidden:
+                    candidate = state.span + self.text[end : end + k]
+                    if candidate not in forbidden and not candidate[-1:].isspace():
                         return k
             if not any_candidate:
                 return INF  # the text ends (or hits an uncopyable character) everywhere
         return INF
 
-    def _shortest_free_subject_lengths(self, ok: list[bool]) -> list[float]:
+    def _shortest_free_subject_lengths(self, starts: list[bool]) -> list[float]:
         """lstar[F]: smallest L with more than F distinct copyable substrings of length <= L."""
         lstar: list[float] = []
         distinct = 0
@@ -289,12 +320,16 @@ class Automaton:
         for n_forbidden in range(self.max_triples + 1):
             while distinct <= n_forbidden and length < self.max_triples + 1:
                 length += 1
-                distinct += len({self.text[i : i + length] for i in self._starts_of_length(ok, length)})
+                distinct += len({self.text[i : i + length] for i in self._starts_of_length(starts, length)})
             lstar.append(length if distinct > n_forbidden else INF)
         return lstar
 
-    def _starts_of_length(self, ok: list[bool], length: int) -> list[int]:
-        return [i for i in range(len(self.text) - length + 1) if i + length <= self._run_end[i] and ok[i]]
+    def _starts_of_length(self, starts: list[bool], length: int) -> list[int]:
+        """Starts of spans of this length that may close at their end (their last character is no blank)."""
+        return [
+            i for i in range(len(self.text) - length + 1)
+            if starts[i] and i + length <= self._run_end[i] and not self.text[i + length - 1].isspace()
+        ]
 
 
 class Skeleton:
