@@ -218,18 +218,63 @@ def make_log_callback(log_path: Path):
     return JsonlLog()
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss: stop, and save nothing as the best adapter."""
+
+
+def non_finite_message(what: str, value, step: int, precision: str) -> str:
+    hint = "lower --learning-rate, or train in bf16/fp32" if precision == "fp16" else "lower --learning-rate"
+    return (
+        f"training stopped: {what} is {value} at step {step}; nothing was saved as the adapter "
+        f"(checkpoints written before step {step} are kept). Check the base model's weights (a model that "
+        f"already outputs NaN cannot be trained), then {hint}."
+    )
+
+
+def make_trainer_class(precision: str):
+    from transformers import Trainer, TrainerCallback
+
+    class CheckedTrainer(Trainer):
+        """Trainer that stops at the first non-finite training loss.
+
+        Without this a NaN model trains to the end with exit code 0: the Trainer's nan filter logs the
+        running mean instead (0.0 here), and eval_loss nan is then saved as the best. The check costs one
+        device sync per micro-batch, nothing next to a forward and backward pass.
+        """
+
+        def training_step(self, model, inputs):
+            loss = super().training_step(model, inputs)
+            if not bool(loss.isfinite().all()):
+                raise NonFiniteLoss(non_finite_message("the training loss", loss.item(), self.state.global_step + 1,
+                                                       precision))
+            return loss
+
+    class StopOnNonFiniteEval(TrainerCallback):
+        """on_log runs after evaluate() and before the checkpoint (and best_metric) is saved."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            value = (logs or {}).get("eval_loss")
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteLoss(non_finite_message("the eval loss", value, state.global_step, precision))
+
+    return CheckedTrainer, StopOnNonFiniteEval
+
+
 # --------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> Path:
     cfg = parse_config(TrainConfig, argv, __doc__)
     cfg.validate()
-    return train(cfg)
+    try:
+        return train(cfg)
+    except NonFiniteLoss as err:
+        raise SystemExit(str(err)) from None
 
 
 def train(cfg: TrainConfig) -> Path:
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     is_main = rank == 0
@@ -315,6 +360,7 @@ def train(cfg: TrainConfig) -> Path:
         warmup_ratio=cfg.warmup_ratio,
         lr_scheduler_type=cfg.lr_scheduler,
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # log what the loss is; NaN stops training anyway (CheckedTrainer)
         evaluation_strategy="steps" if has_dev else "no",
         eval_steps=eval_steps,
         save_strategy="steps",
@@ -346,13 +392,15 @@ def train(cfg: TrainConfig) -> Path:
     sample_decode = make_sample_decode_callback(
         dev_rows, cfg.sample_decode, tokenizer, schema, family, log_path, precision
     )
-    trainer = Trainer(
+    trainer_class, stop_on_non_finite_eval = make_trainer_class(precision)
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=dev_set or None,
         data_collator=collator,
-        callbacks=[make_log_callback(log_path)] + ([sample_decode] if sample_decode else []),
+        # The log callback first, so train_log.jsonl shows the non-finite eval loss that stopped the run.
+        callbacks=[make_log_callback(log_path), stop_on_non_finite_eval()] + ([sample_decode] if sample_decode else []),
     )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     print(

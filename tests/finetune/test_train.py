@@ -139,3 +139,32 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_base, small_data):
     assert "[rank 0/2] finished at step 3" in output and "[rank 1/2] finished at step 3" in output
     assert sorted(p.name for p in (out / "adapter").glob("adapter_model*")) == ["adapter_model.safetensors"]
     assert json.loads((out / "train_config.json").read_text())["world_size"] == 2
+
+
+def test_a_nan_model_stops_training_with_the_step_and_saves_no_adapter(tmp_path, tiny_base, small_data):
+    """A base model whose weights hold NaN used to train to the end, log loss 0.0 and save eval_loss nan
+    as the best; now the first non-finite loss stops the run with a message naming the step."""
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "nan_base"
+    shutil.copytree(tiny_base, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        train.main(run_args(broken, small_data, out, 4))
+    message = str(stopped.value)
+    assert "training loss is nan at step 1" in message and "nothing was saved" in message
+    assert not (out / "adapter").exists()
+
+
+def test_a_non_finite_eval_loss_stops_before_the_checkpoint_is_saved():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    _, stop = train.make_trainer_class("fp16")
+    state = TrainerState(global_step=12)
+    args = TrainingArguments(output_dir="unused", report_to=[])
+    stop().on_log(args, state, TrainerControl(), logs={"eval_loss": 1.5})  # finite: nothing happens
+    with pytest.raises(train.NonFiniteLoss, match="eval loss is inf at step 12.*bf16/fp32"):
+        stop().on_log(args, state, TrainerControl(), logs={"eval_loss": float("inf")})
