@@ -299,17 +299,24 @@ class Automaton:
         forbidden = self._forbidden_subjects(state) if state.emitted else set()
         ends = state.alive if state.span else self._starts
         first_k = 0 if state.span else 1
-        # Each forbidden string has one length, so among len(forbidden) + 1 lengths one is free.
-        for k in range(first_k, first_k + len(forbidden) + 1):
-            any_candidate = False
+        # Each forbidden string has one length, so among len(forbidden) + 1 lengths at which some candidate
+        # ends on a non-blank (a span may only close there) one is free.
+        k, lengths_tried = first_k, 0
+        while lengths_tried <= len(forbidden):
+            any_candidate = closable = False
             for end in ends:
                 if end + k <= self._run_end[end]:
                     any_candidate = True
                     candidate = state.span + self.text[end : end + k]
-                    if candidate not in forbidden and not candidate[-1:].isspace():
+                    if candidate[-1:].isspace():
+                        continue
+                    closable = True
+                    if candidate not in forbidden:
                         return k
             if not any_candidate:
                 return INF  # the text ends (or hits an uncopyable character) everywhere
+            lengths_tried += closable
+            k += 1
         return INF
 
     def _shortest_free_subject_lengths(self, starts: list[bool]) -> list[float]:

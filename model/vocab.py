@@ -6,6 +6,7 @@ automaton (model.grammar) together, so it visits only token strings that are val
 
 from __future__ import annotations
 
+import re
 import threading
 import weakref
 from collections.abc import Sequence
@@ -24,6 +25,23 @@ IDS = ""
 Trie = dict
 
 
+# ChatGLM's control tokens, which its tokenizers do not list in all_special_ids: ChatGLM-6B's [gMASK] and
+# [sMASK] decode to their names, and so do ChatGLM3's sop, eop and role tokens. A span must never be
+# spelled with one (the model only ever saw them as markers), so they get no string.
+_CONTROL_PIECE = re.compile(r"\[[gs]?MASK\]|<?[se]op>?|<ENC>|<dBLOCK>|<unused_\d+>|<image_\d+>"
+                            r"|<\|(?:system|user|assistant|observation)\|>")
+
+
+def control_ids(tokenizer) -> set[int]:
+    """Ids of ChatGLM control tokens: their piece is a control name that maps back to this very id (an
+    ordinary sentencepiece piece 'sop' that the special 'sop' shadows stays text)."""
+    ids = set()
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if isinstance(piece, str) and _CONTROL_PIECE.fullmatch(piece) and tokenizer.convert_tokens_to_ids(piece) == i:
+            ids.add(i)
+    return ids
+
+
 def token_strings(tokenizer) -> list[str | None]:
     """The text each token adds to a decoded sequence (None: special, empty or partial UTF-8 byte tokens).
 
@@ -34,7 +52,7 @@ def token_strings(tokenizer) -> list[str | None]:
     kwargs = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
     base = tokenizer.decode([anchor], **kwargs)
     texts = tokenizer.batch_decode([[anchor, i] for i in range(len(tokenizer))], **kwargs)
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) | control_ids(tokenizer)
     strings: list[str | None] = []
     for i, text in enumerate(texts):
         piece = text[len(base) :] if text.startswith(base) else ""

@@ -516,12 +516,14 @@ def test_spans_keep_inner_blanks_but_never_start_or_end_with_one(schema):
     assert automaton.accepts(_answer(_triple(obj="I Do Believe", subject="喜剧之王")))
 
 
-def test_a_span_with_an_inner_space_is_produced_whole(tiny, schema):
-    """Teacher-forced through the processor, as decoding sees it: the gold tokens of an object with an
-    inner space are all allowed, and the budget still lets the answer close."""
+@pytest.mark.parametrize("obj, subject", [("I Do Believe", "喜剧之王"), ("周星驰", "I Do Believe")],
+                         ids=["object", "subject"])
+def test_a_span_with_an_inner_space_is_produced_whole(tiny, schema, obj, subject):
+    """Teacher-forced through the processor, as decoding sees it: the gold tokens of an object (or a
+    subject: its own cost rule) with an inner space are all allowed, and the budget still lets it close."""
     tokenizer, _ = tiny
     text = "《喜剧之王》的主题曲是I Do Believe，周星驰主演"
-    answer = _answer(_triple(obj="I Do Believe", subject="喜剧之王"))
+    answer = _answer(_triple(obj=obj, subject=subject))
     ids = tokenizer.encode(answer, add_special_tokens=False)
     end = tokenizer.eos_token_id
     proc = GrammarLogitsProcessor(tokenizer, [TripleConstraint(schema, text)], 1, len(ids) + 1, end)
