@@ -6,6 +6,7 @@ served model sees is token for token the one it was trained on.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,10 +83,40 @@ def family_of_dir(model_dir: str | Path) -> Family:
     return detect_family(read_config(model_dir))
 
 
+# The directory whose remote code each transformers_modules.<dir name> package was imported from.
+_REMOTE_CODE_FROM: dict[str, Path] = {}
+
+
+def _code_files(model_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(model_dir.glob("*.py"))}
+
+
+def forget_remote_code(model_dir: str | Path) -> None:
+    """Drop the imported remote code of an earlier directory of the same name whose code differs.
+
+    transformers imports a local dir's code as transformers_modules.<dir name>.<file>; a second dir with
+    the same name (runs/a/merged, then runs/b/merged of another family) would otherwise get the first
+    one's classes, because Python returns the module it already imported. Modules of the same code are
+    kept: objects loaded from them (a tokenizer about to be saved) still need them.
+    """
+    model_dir = Path(model_dir).resolve()
+    name = model_dir.name
+    earlier = _REMOTE_CODE_FROM.get(name)
+    if earlier is not None and earlier != model_dir and (
+        not earlier.is_dir() or _code_files(earlier) != _code_files(model_dir)
+    ):
+        prefix = f"transformers_modules.{name}"
+        for module in [m for m in sys.modules if m == prefix or m.startswith(prefix + ".")]:
+            del sys.modules[module]
+    _REMOTE_CODE_FROM[name] = model_dir
+
+
 def load_tokenizer(model_dir: str | Path, family: Family):
     """Tokenizer from a local dir only: remote code is trusted for the dir the user named, never a hub id."""
     from transformers import AutoTokenizer
 
+    if family.trust_remote_code:
+        forget_remote_code(model_dir)
     return AutoTokenizer.from_pretrained(
         str(model_dir), trust_remote_code=family.trust_remote_code, local_files_only=True
     )
@@ -97,6 +128,8 @@ def load_model(model_dir: str | Path, family: Family, torch_dtype=None):
     # ChatGLM-6B registers its LM-head class under AutoModel in its auto_map (v1 has no
     # AutoModelForCausalLM entry), so both ChatGLM families load through AutoModel.
     loader = AutoModel if family.name.startswith("chatglm") else AutoModelForCausalLM
+    if family.trust_remote_code:
+        forget_remote_code(model_dir)
     model = loader.from_pretrained(
         str(model_dir), trust_remote_code=family.trust_remote_code, torch_dtype=torch_dtype, local_files_only=True
     )

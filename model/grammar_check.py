@@ -1,0 +1,105 @@
+"""Can constrained decoding produce the gold answers? Teacher-forces each reference answer, encoded as
+training encodes it, through the grammar token by token, with the model's own tokenizer.
+
+    python -m model.grammar_check --model DIR [--data data/mixed_dev_dataset.jsonl ...]
+
+A row whose answer the grammar cannot hold by design is counted apart, with its reason: a span that is not
+in its text, a span that starts or ends with a blank or holds a quote, backslash or control character, or an
+answer the tokenizer itself changes (ChatGLM-6B's tokenizer NFKC-normalises full-width punctuation).
+Every other answer should be accepted: a model can only be served answers like the ones it was taught.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from finetune.config import parse_config
+from finetune.data import Example, read_jsonl
+from model import grammar
+from model.prompts import CLASSIFICATION
+
+
+@dataclass
+class GrammarCheckConfig:
+    model: str = field(metadata={"help": "merged (or base) model directory with schema.json"})
+    data: list[str] = field(default_factory=lambda: ["data/mixed_train_dataset.jsonl", "data/mixed_dev_dataset.jsonl"],
+                            metadata={"help": "labelled jsonl files"})
+
+
+def unholdable(example: Example) -> str | None:
+    """Why the grammar cannot produce this answer whatever the tokenizer (None: it can)."""
+    if example.task == CLASSIFICATION:
+        return None
+    for triple in example.answer:
+        for key in ("subject", "object"):
+            span = str(triple.get(key, ""))
+            if span not in example.text:
+                return "span not in its text"
+            if span != span.strip() or not all(grammar.copyable(ch) for ch in span):
+                return "span the grammar does not copy (edge blank, quote, backslash, control character)"
+    return None
+
+
+def first_rejected(tokenizer, constraint, ids: list[int], end_id: int) -> int | None:
+    """Index of the first gold token (the end token last) the constraint forbids; None if all pass."""
+    import torch
+
+    from model.decoding import GrammarLogitsProcessor
+
+    processor = GrammarLogitsProcessor(tokenizer, [constraint], 1, 10_000, end_id)
+    seq = [0]  # a one-token prompt: the processor only looks at what follows it
+    for k, token in enumerate(ids + [end_id]):
+        scores = processor(torch.tensor([seq]), torch.zeros(1, max(len(tokenizer), token + 1)))
+        if torch.isneginf(scores[0, token]):
+            return k
+        seq.append(token)
+    return None
+
+
+def check(tokenizer, family, schema: dict, examples: list[Example]) -> dict:
+    """Per task: n, accepted, and the rows left out by reason; `rejected` lists the file lines that failed."""
+    from model.vocab import decode_answer
+
+    end_id = family.end_token_id(tokenizer)
+    max_triples = int(schema.get("max_triples") or 16)
+    report: dict = {}
+    for example in examples:
+        row = report.setdefault(example.task, {"n": 0, "accepted": 0, "left_out": Counter(), "rejected": []})
+        row["n"] += 1
+        reason = unholdable(example)
+        ids = tokenizer.encode(example.target, add_special_tokens=False)
+        if reason is None and decode_answer(tokenizer, ids) != example.target:
+            reason = "the tokenizer changes the answer text"
+        if reason is not None:
+            row["left_out"][reason] += 1
+            continue
+        constraint = (grammar.CategoryConstraint(schema["labels"]) if example.task == CLASSIFICATION
+                      else grammar.TripleConstraint(schema, example.text, max_triples=max_triples))
+        if first_rejected(tokenizer, constraint, ids, end_id) is None:
+            row["accepted"] += 1
+        else:
+            row["rejected"].append(example.line)
+    for row in report.values():
+        row["left_out"] = dict(row["left_out"])
+        row["share"] = row["accepted"] / max(1, row["n"] - sum(row["left_out"].values()))
+    return report
+
+
+def main(argv=None) -> dict:
+    from model.load import ModelLoadError, load_merged
+
+    cfg = parse_config(GrammarCheckConfig, argv, __doc__)
+    try:
+        lm = load_merged(cfg.model, device="cpu")
+        examples = [ex for path in cfg.data for ex in read_jsonl(path)]
+    except (ModelLoadError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    report = check(lm.tokenizer, lm.family, lm.schema, examples)
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The whole user path on each ChatGLM double, loaded through trust_remote_code as the real code is:
+train with the family's preset, merge, evaluate constrained and unconstrained, label a CSV, batched
+predictions equal one-at-a-time, and every gold answer accepted by the grammar token by token."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from finetune.data import DEV_FILE, TRAIN_FILE, read_jsonl
+from finetune.families import CHATGLM, CHATGLM2, family_of_dir, load_model, load_tokenizer
+from model import evaluate, grammar_check, label
+from model.load import load_merged
+from model.predict import predict
+from model.vocab import vocab_for
+from tests.chatglm.conftest import DOUBLES
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("kind", DOUBLES)
+def test_the_double_has_the_real_layout(kind, double_base):
+    base = double_base(kind)
+    config = json.loads((base / "config.json").read_text())
+    assert "AutoModel" in config["auto_map"]  # loaded as remote code, never as a transformers class
+    family = family_of_dir(base)
+    tokenizer = load_tokenizer(base, family)
+    model = load_model(base, family)
+    strings = vocab_for(tokenizer).strings
+    if kind == "chatglm_v1":
+        assert family is CHATGLM
+        assert [tokenizer.convert_tokens_to_ids(t) for t in ("[gMASK]", "<sop>", "<eop>")] == [130001, 130004, 130005]
+        assert tokenizer.convert_ids_to_tokens(tokenizer.encode("a\nb", add_special_tokens=False)).count("<n>") == 1
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    else:
+        assert family is CHATGLM2
+        assert tokenizer.get_prefix_tokens() == [tokenizer.convert_tokens_to_ids(t) for t in ("[gMASK]", "sop")]
+        assert "<0x0A>" in tokenizer.convert_ids_to_tokens(tokenizer.encode("a\nb", add_special_tokens=False))
+        rows = model.get_output_embeddings().weight.shape[0]
+        assert rows > len(tokenizer)  # padded output rows no token maps to
+        assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    # Control tokens never spell text, even where the tokenizer decodes them to their names (v1, ChatGLM3).
+    for name in ("[gMASK]", "[sMASK]", "sop", "eop", "<sop>", "<eop>"):
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == name:
+            assert strings[token_id] is None, name
+
+
+@pytest.mark.parametrize("kind", DOUBLES)
+def test_train_merge_evaluate_label(kind, double_merged, small_data, tmp_path):
+    merged = double_merged(kind)
+    assert sorted(p.name for p in merged.parent.iterdir() if p.name.startswith("merged")) == ["merged"]
+    dev = str(small_data / DEV_FILE)
+    constrained = evaluate.main(["--model", str(merged), "--data", dev, "--output", str(tmp_path / "c.json")])
+    assert constrained["parse_rate"] == 1.0 and constrained["n"] == 16
+    unconstrained = evaluate.main(["--model", str(merged), "--data", dev, "--unconstrained",
+                                   "--output", str(tmp_path / "u.json")])
+    assert unconstrained["n"] == 16  # ran to the end; a random model's free text need not parse
+
+    comments = [ex.text for ex in read_jsonl(dev) if ex.task == "classification"][:6]
+    source = tmp_path / "comments.csv"
+    with source.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["comment"]] + [[c] for c in comments])
+    out = tmp_path / "labelled.csv"
+    label.main(["--model", str(merged), "--input", str(source), "--output", str(out)])
+    with out.open(encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    labels = json.loads((merged / "schema.json").read_text())["labels"]
+    assert [r["comment"] for r in rows] == comments
+    assert all(r["category"] in labels and r["error"] == "" for r in rows)
+
+
+@pytest.mark.parametrize("kind", DOUBLES)
+def test_batched_predictions_equal_one_at_a_time(kind, double_merged, small_data):
+    lm = load_merged(double_merged(kind), device="cpu")
+    texts = [ex.text for ex in read_jsonl(small_data / DEV_FILE)][::2]
+    with torch.no_grad():
+        batched = predict(lm, texts, batch_size=8)
+        single = [predict(lm, [t], batch_size=1)[0] for t in texts]
+    def answer(p):
+        return {k: v for k, v in p.to_dict().items() if k != "seconds"}
+
+    assert [answer(p) for p in batched] == [answer(p) for p in single]
+
+
+@pytest.mark.parametrize("kind", DOUBLES)
+def test_every_gold_answer_passes_the_grammar(kind, double_base, data_dir):
+    """Teacher-forced, train and dev: 100% of the answers the grammar can hold by design."""
+    from finetune.data import derive_schema
+
+    base = double_base(kind)
+    family = family_of_dir(base)
+    tokenizer = load_tokenizer(base, family)
+    examples = read_jsonl(data_dir / TRAIN_FILE) + read_jsonl(data_dir / DEV_FILE)
+    report = grammar_check.check(tokenizer, family, derive_schema(examples), examples)
+    print(kind, json.dumps(report, ensure_ascii=False))
+    for task, row in report.items():
+        assert row["rejected"] == [], (task, row)
+        left_out = sum(row["left_out"].values())
+        assert row["accepted"] == row["n"] - left_out
+        # Only the documented reasons, and few: 1 reference span is not in its text; ChatGLM-6B's NFKC
+        # tokenizer rewrites the full-width punctuation of 16 of the 559 extraction answers (measured).
+        assert left_out <= (17 if kind == "chatglm_v1" and task == "extraction" else 1), row["left_out"]
