@@ -1,7 +1,7 @@
 """Can constrained decoding produce the gold answers? Teacher-forces each reference answer, encoded as
 training encodes it, through the grammar token by token, with the model's own tokenizer.
 
-    python -m model.grammar_check --model DIR [--data data/mixed_dev_dataset.jsonl ...]
+    python -m model.grammar_check --model DIR [--data data/mixed_train_dataset.jsonl,data/mixed_dev_dataset.jsonl]
 
 A row whose answer the grammar cannot hold by design is counted apart, with its reason: a span that is not
 in its text, a span that starts or ends with a blank or holds a quote, backslash or control character, or an
@@ -24,8 +24,8 @@ from model.prompts import CLASSIFICATION
 @dataclass
 class GrammarCheckConfig:
     model: str = field(metadata={"help": "merged (or base) model directory with schema.json"})
-    data: list[str] = field(default_factory=lambda: ["data/mixed_train_dataset.jsonl", "data/mixed_dev_dataset.jsonl"],
-                            metadata={"help": "labelled jsonl files"})
+    data: str = field(default="data/mixed_train_dataset.jsonl,data/mixed_dev_dataset.jsonl",
+                      metadata={"help": "labelled jsonl files, comma-separated"})
 
 
 def unholdable(example: Example) -> str | None:
@@ -87,18 +87,19 @@ def check(tokenizer, family, schema: dict, examples: list[Example]) -> dict:
     return report
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict[str, dict]:
     from model.load import ModelLoadError, load_merged
 
     cfg = parse_config(GrammarCheckConfig, argv, __doc__)
     try:
         lm = load_merged(cfg.model, device="cpu")
-        examples = [ex for path in cfg.data for ex in read_jsonl(path)]
+        files = {path: read_jsonl(path) for path in cfg.data.split(",") if path}
     except (ModelLoadError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    report = check(lm.tokenizer, lm.family, lm.schema, examples)
-    print(json.dumps(report, ensure_ascii=False, indent=2))
-    return report
+    # One report per file, so a rejected line number names its file.
+    reports = {path: check(lm.tokenizer, lm.family, lm.schema, examples) for path, examples in files.items()}
+    print(json.dumps(reports, ensure_ascii=False, indent=2))
+    return reports
 
 
 if __name__ == "__main__":

@@ -104,3 +104,17 @@ def test_every_gold_answer_passes_the_grammar(kind, double_base, data_dir):
         # Only the documented reasons, and few: 1 reference span is not in its text; ChatGLM-6B's NFKC
         # tokenizer rewrites the full-width punctuation of 16 of the 559 extraction answers (measured).
         assert left_out <= (17 if kind == "chatglm_v1" and task == "extraction" else 1), row["left_out"]
+
+
+def test_grammar_check_reports_per_file(double_merged, small_data):
+    """The CLI on the model's own training file (its schema.json comes from it): every answer passes;
+    on dev, a label the small training set never had is rejected and named by its line."""
+    train_file, dev = str(small_data / TRAIN_FILE), str(small_data / DEV_FILE)
+    reports = grammar_check.main(["--model", str(double_merged("chatglm2")), "--data", f"{train_file},{dev}"])
+    assert list(reports) == [train_file, dev]
+    assert {task: (row["n"], row["accepted"]) for task, row in reports[train_file].items()} == {
+        "classification": (24, 24), "extraction": (24, 24)}
+    rejected = reports[dev]["classification"]["rejected"]
+    labels = json.loads((double_merged("chatglm2") / "schema.json").read_text())["labels"]
+    lines = (small_data / DEV_FILE).read_text(encoding="utf-8").splitlines()
+    assert all(json.loads(json.loads(lines[n - 1])["target"])[0] not in labels for n in rejected)
