@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from finetune.data import truncate_prompt
 from model import decoding, grammar, vocab
@@ -114,7 +114,7 @@ def generate_answers(
                 constraints = [
                     grammar.CategoryConstraint(lm.schema["labels"])
                     if task == CLASSIFICATION
-                    else grammar.TripleConstraint(lm.schema, texts[i], max_triples=max_triples)
+                    else grammar.TripleConstraint(lm.schema, vocab.text_view(tok, texts[i]), max_triples=max_triples)
                     for i in chunk
                 ]
                 generated = decoding.constrained_generate(
@@ -168,8 +168,14 @@ def predict(
                 pred.category = parsed.label
                 pred.well_formed[task] = parsed.label is not None and answer == format_category(parsed.label)
             else:
-                parsed = parse_triples(answer, lm.schema, pred.text)
-                pred.triples = list(parsed.triples)
+                # Spans are copied from the text as the tokenizer sees it, then read back in the text.
+                view = vocab.text_view(lm.tokenizer, pred.text)
+                parsed = parse_triples(answer, lm.schema, view)
+                pred.triples = [
+                    replace(t, subject=vocab.restore_span(t.subject, view, pred.text),
+                                        object=vocab.restore_span(t.object, view, pred.text))
+                    for t in parsed.triples
+                ]
                 pred.well_formed[task] = parsed.ok
             pred.warnings.extend(f"{task}: {w}" for w in parsed.warnings)
     per_text = (time.time() - started) / max(1, len(valid))

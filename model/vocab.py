@@ -202,6 +202,25 @@ def _is_byte_piece(piece: str | None) -> bool:
     return bool(piece) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
 
 
+def text_view(tokenizer, text: str) -> str:
+    """The text as the model sees it: what its tokenizer makes of it, where that keeps every position.
+
+    ChatGLM-6B's tokenizer NFKC-normalises (full-width '（' becomes '('), so a model trained on such
+    tokens copies spans from this view; `restore_span` maps them back. Where the view would shift
+    positions (a changed length), the text itself.
+    """
+    view = decode_answer(tokenizer, tokenizer.encode(text, add_special_tokens=False))
+    return view if len(view) == len(text) else text
+
+
+def restore_span(span: str, view: str, text: str) -> str:
+    """A span copied from `view`, as the same positions read in `text`."""
+    if view == text or span in text or span not in view:
+        return span
+    start = view.find(span)
+    return text[start : start + len(span)]
+
+
 def decode_answer(tokenizer, ids: Sequence[int]) -> str:
     """The answer text of generated ids, exactly as the automaton accepted it (no dummy-prefix space)."""
     return vocab_for(tokenizer).decode(ids)

@@ -16,7 +16,7 @@ from model import evaluate, grammar_check, label
 from model.load import load_merged
 from model.predict import predict
 from model.vocab import vocab_for
-from tests.chatglm.conftest import DOUBLES
+from tests.doubles.build import DOUBLES
 
 pytestmark = pytest.mark.slow
 
@@ -102,8 +102,9 @@ def test_every_gold_answer_passes_the_grammar(kind, double_base, data_dir):
         left_out = sum(row["left_out"].values())
         assert row["accepted"] == row["n"] - left_out
         # Only the documented reasons, and few: 1 reference span is not in its text; ChatGLM-6B's NFKC
-        # tokenizer rewrites the full-width punctuation of 16 of the 559 extraction answers (measured).
-        assert left_out <= (17 if kind == "chatglm_v1" and task == "extraction" else 1), row["left_out"]
+        # tokenizer changes the length of 1 answer (its 16 other rewritten answers are held: spans are
+        # copied from the tokenizer's view of the text and read back in the text).
+        assert left_out <= (2 if kind == "chatglm_v1" and task == "extraction" else 1), row["left_out"]
 
 
 def test_grammar_check_reports_per_file(double_merged, small_data):

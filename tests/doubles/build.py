@@ -17,6 +17,7 @@ from finetune.data import DEV_FILE, TRAIN_FILE
 
 HERE = Path(__file__).resolve().parent
 KINDS = {"chatglm_v1": "chatglm_v1", "chatglm2": "chatglm_v2", "chatglm3": "chatglm_v2"}
+DOUBLES = list(KINDS)
 MAX_BLANK = 80
 
 

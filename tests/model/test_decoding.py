@@ -955,3 +955,13 @@ def test_shared_prefix_edge_cases_give_the_same_tokens(tiny, schema, dev_texts):
     runs = PREFIX_CACHE.runs
     cached, length = _jump(other, tokenizer, input_ids, mask, _constraints(schema, texts, CLASSIFICATION), 7, True)
     assert cached == plain and length > 0 and PREFIX_CACHE.runs == runs + 1
+
+
+def test_spans_copied_from_the_tokenizers_view_read_back_in_the_text():
+    """ChatGLM-6B's tokenizer NFKC-normalises: the model copies '(' where the text has '（'."""
+    from model.vocab import restore_span
+
+    text, view = "《中国建筑画选（平装）》是图书", "《中国建筑画选(平装)》是图书"
+    assert restore_span("中国建筑画选(平装)", view, text) == "中国建筑画选（平装）"
+    assert restore_span("图书", view, text) == "图书"
+    assert restore_span("不在文中", view, text) == "不在文中"  # left for the parser to reject

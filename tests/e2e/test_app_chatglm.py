@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.conftest import browser, page  # noqa: F401 (fixtures)
 from tests.e2e.streamlit_server import start_server, stop_server
 from tests.e2e.test_app_browser import COMMENTS, direct, label_comment, no_exception, open_page, shown_result
 
@@ -13,7 +12,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("kind", ["chatglm_v1", "chatglm2"])
-def test_home_labels_a_comment_with_a_chatglm_model(kind, page, double_merged, tmp_path):  # noqa: F811
+def test_home_labels_a_comment_with_a_chatglm_model(kind, page, double_merged, tmp_path):
     from model.load import load_merged
 
     merged = double_merged(kind)
