@@ -203,22 +203,37 @@ def _is_byte_piece(piece: str | None) -> bool:
 
 
 def text_view(tokenizer, text: str) -> str:
-    """The text as the model sees it: what its tokenizer makes of it, where that keeps every position.
+    """The text as the model sees it: what its tokenizer makes of it.
 
-    ChatGLM-6B's tokenizer NFKC-normalises (full-width '（' becomes '('), so a model trained on such
-    tokens copies spans from this view; `restore_span` maps them back. Where the view would shift
-    positions (a changed length), the text itself.
+    ChatGLM-6B's tokenizer NFKC-normalises ('（' becomes '(', 'Ⅱ' becomes 'II'), so a model trained on such
+    tokens copies spans from this view; `restore_span` maps them back to the text's own characters.
     """
-    view = decode_answer(tokenizer, tokenizer.encode(text, add_special_tokens=False))
-    return view if len(view) == len(text) else text
+    return decode_answer(tokenizer, tokenizer.encode(text, add_special_tokens=False))
 
 
 def restore_span(span: str, view: str, text: str) -> str:
-    """A span copied from `view`, as the same positions read in `text`."""
+    """A span copied from `view`, read in `text`: the same characters where the two agree, the text's own
+    where the tokenizer rewrote them. Unchanged if the span is in the text already, or cuts through a
+    rewritten piece (the parser then rejects it as not in the text)."""
     if view == text or span in text or span not in view:
         return span
+    import difflib
+
     start = view.find(span)
-    return text[start : start + len(span)]
+    end = start + len(span)
+    # view position -> text position, at the edges of each aligned block (inside equal blocks too).
+    starts, ends = {}, {}
+    for tag, t0, t1, v0, v1 in difflib.SequenceMatcher(None, text, view, autojunk=False).get_opcodes():
+        if tag == "equal":
+            for k in range(v1 - v0 + 1):
+                starts.setdefault(v0 + k, t0 + k)
+                ends[v0 + k] = t0 + k
+        else:
+            starts.setdefault(v0, t0)
+            ends[v1] = t1
+    if start not in starts or end not in ends:
+        return span
+    return text[starts[start] : ends[end]]
 
 
 def decode_answer(tokenizer, ids: Sequence[int]) -> str:

@@ -965,3 +965,12 @@ def test_spans_copied_from_the_tokenizers_view_read_back_in_the_text():
     assert restore_span("中国建筑画选(平装)", view, text) == "中国建筑画选（平装）"
     assert restore_span("图书", view, text) == "图书"
     assert restore_span("不在文中", view, text) == "不在文中"  # left for the parser to reject
+
+
+def test_a_span_the_tokenizer_lengthened_reads_back_in_the_text():
+    from model.vocab import restore_span
+
+    text, view = "《新概念英语Ⅱ》的作者", "《新概念英语II》的作者"
+    assert restore_span("新概念英语II", view, text) == "新概念英语Ⅱ"
+    assert restore_span("的作者", view, text) == "的作者"
+    assert restore_span("语I", view, text) == "语I"  # cuts through 'II': not mapped, the parser rejects it
