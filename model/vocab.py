@@ -6,6 +6,7 @@ automaton (model.grammar) together, so it visits only token strings that are val
 
 from __future__ import annotations
 
+import difflib
 import re
 import threading
 import weakref
@@ -217,8 +218,6 @@ def restore_span(span: str, view: str, text: str) -> str:
     rewritten piece (the parser then rejects it as not in the text)."""
     if view == text or span in text or span not in view:
         return span
-    import difflib
-
     start = view.find(span)
     end = start + len(span)
     # view position -> text position, at the edges of each aligned block (inside equal blocks too).
