@@ -11,6 +11,7 @@ import streamlit as st
 
 from app_support.examples import EXAMPLES
 from app_support.highlight import highlight_html, legend_html
+from app_support.settings import user_message
 from app_support.ui import page_setup, require_model
 
 model_dir = page_setup("单条标注 Label a comment", "🏷️")
@@ -39,7 +40,7 @@ if st.button("标注 Label", type="primary"):
         with st.spinner("标注中 labelling..."):
             prediction = predict(lm, [text])[0]
     except Exception as err:  # noqa: BLE001 - a message on the page, not a traceback
-        st.error(f"预测失败 prediction failed: {type(err).__name__}: {err}")
+        st.error(f"预测失败 prediction failed: {user_message(err)}")
         st.stop()
     # Kept in the session so the result survives reruns caused by other widgets.
     st.session_state["result"] = prediction

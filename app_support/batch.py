@@ -65,7 +65,10 @@ def opened_upload(name: str, data: bytes) -> Iterator[Upload]:
     with tempfile.TemporaryDirectory(prefix="label-upload-") as folder:
         # A fixed name: model.label tells a CSV and its encoding from the bytes, never the name.
         path = Path(folder) / "upload.csv"
-        path.write_bytes(data)
+        try:
+            path.write_bytes(data)
+        except OSError as err:  # e.g. a full temp folder: say so without the server's paths
+            raise LabelError(f"the server could not store {name} to check it: {err.strerror or err}") from None
         try:
             source = inspect_input(path)
             header, has_rows = read_header(source)

@@ -21,7 +21,10 @@ def load_examples(path: Path | str | None = None, data: bytes | None = None, nam
     if data is not None:
         with tempfile.TemporaryDirectory(prefix="eval-upload-") as folder:
             tmp = Path(folder) / "upload.jsonl"
-            tmp.write_bytes(data)
+            try:
+                tmp.write_bytes(data)
+            except OSError as err:  # e.g. a full temp folder: say so without the server's paths
+                raise DataError(f"the server could not store {name} to read it: {err.strerror or err}") from None
             try:
                 examples = _read(tmp)
             except DataError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 DEFAULT_MODEL_DIR = "runs/demo/merged"
@@ -15,13 +15,39 @@ MAX_UPLOAD_MB = 20
 DEV_FILE = "data/mixed_dev_dataset.jsonl"
 
 
-def model_dir_from_argv(argv: Sequence[str]) -> Path:
-    """The --model given after `streamlit run app.py --`; every page sees the same sys.argv."""
+ALLOW_WRITES_ENV = "LABELLER_ALLOW_WRITES"
+
+
+def _app_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--allow-writes", action="store_true")
     # parse_known_args: unknown flags must not kill a page with SystemExit.
     args, _unknown = parser.parse_known_args(list(argv)[1:])
-    return Path(args.model)
+    return args
+
+
+def model_dir_from_argv(argv: Sequence[str]) -> Path:
+    """The --model given after `streamlit run app.py --`; every page sees the same sys.argv."""
+    return Path(_app_args(argv).model)
+
+
+def writes_allowed(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
+    """Whether visitors may write into the model directory (save evaluation results there).
+
+    Off by default: anyone who can open the app could otherwise replace the served model's metrics.json,
+    which every other visitor then sees in the sidebar. The server's owner opts in with
+    `streamlit run app.py -- --allow-writes` or LABELLER_ALLOW_WRITES=1."""
+    return _app_args(argv).allow_writes or environ.get(ALLOW_WRITES_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def user_message(err: BaseException) -> str:
+    """One line for the page: an OSError says what failed (no space, read-only, permission) without the
+    server's paths; anything else its type and text."""
+    if isinstance(err, OSError):
+        reason = err.strerror or type(err).__name__
+        return f"{type(err).__name__}: {reason} (the server could not read or write a file)"
+    return f"{type(err).__name__}: {err}"
 
 
 def setup_commands(model_dir: Path | str) -> list[str]:

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import safe_io
 from finetune.config import parse_config
 from finetune.data import PROMPT_TEMPLATE
 from finetune.families import Family, detect_family, load_model, load_tokenizer, read_config
+from finetune.safe_io import OLD_MARK, TMP_MARK, OutputError, OutputLock, check_writable, recover_dir, side_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -86,15 +89,6 @@ def copy_support_files(base_dir: Path, out_dir: Path) -> None:
             shutil.copy2(path, out_dir / path.name)
 
 
-# Side directories of a merge. No '.' in their names: remote code (trust_remote_code) is imported as the
-# Python module transformers_modules.<directory name>, and a '.' would make that a package path.
-TMP_MARK, OLD_MARK = "_tmp_", "_old_"
-
-
-def side_dir(out_dir: Path, mark: str) -> Path:
-    return out_dir.parent / f"{out_dir.name}{mark}{os.getpid()}"
-
-
 def check_output_name(out_dir: Path, family: Family) -> None:
     if family.trust_remote_code and "." in out_dir.name:
         raise MergeError(
@@ -104,26 +98,14 @@ def check_output_name(out_dir: Path, family: Family) -> None:
 
 
 def recover_or_clean(out_dir: Path) -> None:
-    """Leftovers of a killed earlier merge. A merge killed between its two renames leaves the previous
-    model only as RUN/merged_old_<pid>: put it back. A half-written merged_tmp_<pid> is deleted."""
-    for pattern in (TMP_MARK + "*", ".tmp-*"):  # .tmp-*: what merges before this naming left behind
-        for stale in out_dir.parent.glob(out_dir.name + pattern):
-            shutil.rmtree(stale, ignore_errors=True)
-    olds = sorted(out_dir.parent.glob(out_dir.name + OLD_MARK + "*"), key=lambda p: p.stat().st_mtime)
-    if olds and not out_dir.exists():
-        olds.pop().rename(out_dir)
-        print(f"restored {out_dir} from the copy a killed merge had moved aside")
-    for stale in olds:
-        shutil.rmtree(stale, ignore_errors=True)
+    """A merge killed between its two renames left the previous model as RUN/merged_old_<pid>: put it
+    back; a half-written merged_tmp_<pid> is deleted (safe_io.recover_dir)."""
+    recover_dir(out_dir)
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Swap tmp into out_dir with renames only; a kill between them is undone by recover_or_clean."""
-    old = side_dir(out_dir, OLD_MARK)
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    safe_io.replace_dir(tmp, out_dir, side_dir(out_dir, OLD_MARK))
 
 
 def check_saved(tmp, family, dtype, compute, device, rows, reference, out_dir) -> tuple[float, float]:
@@ -144,13 +126,16 @@ def check_saved(tmp, family, dtype, compute, device, rows, reference, out_dir) -
 
 
 def merge(cfg: MergeConfig) -> Path:
-    import torch
-
     run = Path(cfg.run)
     train_config_path = run / "train_config.json"
     if not train_config_path.is_file():
         raise MergeError(f"{run}: no train_config.json; --run must be a directory written by finetune.train")
-    train_cfg = json.loads(train_config_path.read_text(encoding="utf-8"))
+    try:
+        train_cfg = json.loads(train_config_path.read_text(encoding="utf-8"))
+        train_cfg["base_model"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise MergeError(f"{train_config_path} is unreadable or incomplete ({type(err).__name__}: {err}); "
+                         "it is written by finetune.train: rerun the training or restore the file") from None
     base_dir = Path(train_cfg["base_model"])
     method = train_cfg.get("method", "lora")
     trained_dir = run / ("adapter" if method == "lora" else "model")
@@ -161,7 +146,35 @@ def merge(cfg: MergeConfig) -> Path:
     schema_path = trained_dir / "schema.json"
     schema = json.loads(schema_path.read_text(encoding="utf-8")) if schema_path.is_file() else {}
     out_dir = Path(cfg.output_dir) if cfg.output_dir else run / "merged"
-    recover_or_clean(out_dir)
+    try:
+        # The merged weights take about what the base model's take at the output dtype.
+        check_writable(out_dir.parent, need_bytes=weight_bytes(base_dir if method == "lora" else trained_dir,
+                                                                 cfg.dtype), what="--output-dir")
+        with OutputLock(out_dir, "finetune.merge"):
+            recover_or_clean(out_dir)
+            return _merge(cfg, run, train_cfg, base_dir, method, trained_dir, schema, out_dir)
+    except OutputError as err:
+        raise MergeError(str(err)) from None
+
+
+def weight_bytes(model_dir: Path, dtype: str) -> int:
+    """Bytes of a model's weights stored as `dtype`: parameter counts from safetensors headers, else
+    the weight files' size (a .bin is not read just to count)."""
+    per_param = 4 if dtype == "fp32" else 2
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        try:
+            with path.open("rb") as handle:
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+            total += per_param * sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+        except (OSError, ValueError, KeyError, TypeError):
+            total += path.stat().st_size
+    return total + sum(p.stat().st_size for p in model_dir.glob("pytorch_model*.bin"))
+
+
+def _merge(cfg, run, train_cfg, base_dir, method, trained_dir, schema, out_dir) -> Path:
+    import torch
+
 
     family = detect_family(read_config(trained_dir if method == "full" else base_dir))
     check_output_name(out_dir, family)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,18 @@ from pathlib import Path
 from finetune import data as D
 from finetune.config import parse_config
 from finetune.families import Family, family_of_dir, load_model, load_tokenizer
+from finetune.safe_io import (
+    OLD_MARK,
+    TMP_MARK,
+    OutputError,
+    OutputLock,
+    atomic_write,
+    atomic_write_json,
+    check_writable,
+    recover_dir,
+    replace_dir,
+    side_dir,
+)
 from finetune.sample_decode import make_sample_decode_callback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,8 +87,7 @@ class TrainConfig:
         """Raise once, listing every problem."""
         problems = []
         base = Path(self.base_model)
-        if not (base / "config.json").is_file():
-            problems.append(f"--base-model {base}: no config.json there; give a local model directory")
+        problems += base_model_problems(base)
         if not (Path(self.data_dir) / D.TRAIN_FILE).is_file():
             problems.append(f"--data-dir {self.data_dir}: no {D.TRAIN_FILE} (run `make data` or copy it there)")
         for name in ("batch_size", "grad_accum", "lora_r", "max_source_len", "max_target_len", "logging_steps"):
@@ -94,6 +107,24 @@ class TrainConfig:
             problems.append(f"--deepspeed {self.deepspeed}: file not found")
         if problems:
             raise SystemExit("invalid training config:\n  - " + "\n  - ".join(problems))
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "ice_text.model", "*.tiktoken")
+
+
+def base_model_problems(base: Path) -> list[str]:
+    """What a base model folder lacks, said before transformers would go looking on the hub for it."""
+    if not (base / "config.json").is_file():
+        return [f"--base-model {base}: no config.json there; give a local model directory"]
+    problems = []
+    if not any(any(base.glob(pattern)) for pattern in WEIGHT_FILES):
+        problems.append(f"--base-model {base}: config.json but no weights (*.safetensors or pytorch_model*.bin); "
+                        "copy the whole model folder")
+    if not any(any(base.glob(pattern)) for pattern in TOKENIZER_FILES):
+        problems.append(f"--base-model {base}: no tokenizer files (tokenizer_config.json, tokenizer.model, ...); "
+                        "copy the whole model folder")
+    return problems
 
 
 # --------------------------------------------------------------------------- setup
@@ -176,22 +207,75 @@ def allow_numpy_rng_state_in_checkpoints() -> None:
     )
 
 
-def last_checkpoint(checkpoint_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
+LOSS_SUM_FILE = "loss_sum.json"  # our addition to a checkpoint: the summed loss of its steps
 
-    return Path(found) if checkpoint_dir.is_dir() and (found := get_last_checkpoint(str(checkpoint_dir))) else None
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a kill or a full disk while the Trainer wrote it), or None.
+
+    The Trainer writes the weights, optimizer.pt, scheduler.pt, trainer_state.json and rng_state*.pth
+    in that order, so a complete one has all of them and its state and RNG files read back."""
+    import torch
+
+    weights = [*folder.glob("adapter_model.*"), *folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
+    if not weights:
+        return "no model weights"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (folder / name).is_file():
+            return f"no {name}"
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"trainer_state.json is unreadable ({type(err).__name__})"
+    rng = sorted(folder.glob("rng_state*.pth"))
+    if not rng:
+        return "no rng_state.pth"
+    for path in rng:
+        try:
+            torch.load(path, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - a torn pickle raises anything from EOFError to RuntimeError
+            return f"{path.name} is unreadable ({type(err).__name__})"
+    return None
+
+
+def last_checkpoint(checkpoint_dir: Path, log=print) -> Path | None:
+    """The newest complete checkpoint-N; incomplete newer ones are named with the reason they are skipped."""
+    if not checkpoint_dir.is_dir():
+        return None
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    for folder in sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log(f"skipping {folder}: incomplete ({problem}), probably written by a run that was killed or ran "
+            "out of disk; the Trainer overwrites it when it gets there again")
+    return None
+
+
+def loss_sum_at(checkpoint: Path) -> float | None:
+    """The summed training loss of steps 1..N saved with checkpoint-N (None for older checkpoints)."""
+    try:
+        return float(json.loads((checkpoint / LOSS_SUM_FILE).read_text(encoding="utf-8"))["loss_sum"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def trim_log(log_path: Path, keep_until_step: int) -> None:
-    """On resume, drop log lines an interrupted run wrote after the checkpoint it resumes from."""
+    """On resume, drop log lines an interrupted run wrote after the checkpoint it resumes from, and a
+    line torn by the kill (the app's reader skips those too)."""
     if not log_path.is_file():
         return
-    kept = [
-        line
-        for line in log_path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
-    ]
-    log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = []
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= keep_until_step:
+            kept.append(line)
+    atomic_write(log_path, "".join(line + "\n" for line in kept))
 
 
 def make_log_callback(log_path: Path):
@@ -235,12 +319,46 @@ def make_trainer_class(precision: str):
     from transformers import Trainer, TrainerCallback
 
     class CheckedTrainer(Trainer):
-        """Trainer that stops at the first non-finite training loss.
+        """Trainer that stops at the first non-finite training loss and reports a true mean loss after a resume.
 
-        Without this a NaN model trains to the end with exit code 0: the Trainer's nan filter logs the
+        Without the check a NaN model trains to the end with exit code 0: the Trainer's nan filter logs the
         running mean instead (0.0 here), and eval_loss nan is then saved as the best. The check costs one
         device sync per micro-batch, nothing next to a forward and backward pass.
+
+        The Trainer's final train_loss is (loss summed since this process started) / global_step, so after a
+        resume at step N it leaves out steps 1..N but divides by all of them (5.09 logged for a true 7.65).
+        Each checkpoint therefore also keeps the summed loss of its steps (loss_sum.json), and the final
+        mean adds the sum the resumed checkpoint had.
         """
+
+        resumed_step = 0
+        loss_sum_before = None  # summed loss of steps 1..resumed_step, if the checkpoint kept it
+        true_train_loss = None
+
+        def _maybe_log_save_evaluate(self, tr_loss, model, trial, epoch, ignore_keys_for_eval):
+            if self.control.should_save:  # the sum so far, before a log folds tr_loss into _total_loss_scalar
+                self._loss_sum_now = (self.loss_sum_before or 0.0) + self._total_loss_scalar + float(
+                    self._nested_gather(tr_loss).mean().item())
+            return super()._maybe_log_save_evaluate(tr_loss, model, trial, epoch, ignore_keys_for_eval)
+
+        def _save_checkpoint(self, model, trial, metrics=None):
+            super()._save_checkpoint(model, trial, metrics=metrics)
+            known = self.loss_sum_before is not None or not self.resumed_step
+            if self.args.should_save and known:
+                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                atomic_write_json(folder / LOSS_SUM_FILE, {"global_step": self.state.global_step,
+                                                           "loss_sum": getattr(self, "_loss_sum_now", None)})
+
+        def log(self, logs):
+            if "train_loss" in logs and self.resumed_step and self.state.global_step:
+                steps = self.state.global_step
+                if self.loss_sum_before is not None:
+                    logs["train_loss"] = (logs["train_loss"] * steps + self.loss_sum_before) / steps
+                elif steps > self.resumed_step:  # the checkpoint predates loss_sum.json: the resumed steps' mean
+                    logs["train_loss"] = logs["train_loss"] * steps / (steps - self.resumed_step)
+            if "train_loss" in logs:
+                self.true_train_loss = logs["train_loss"]
+            return super().log(logs)
 
         def training_step(self, model, inputs):
             loss = super().training_step(model, inputs)
@@ -266,10 +384,17 @@ def make_trainer_class(precision: str):
 def main(argv=None) -> Path:
     cfg = parse_config(TrainConfig, argv, __doc__)
     cfg.validate()
+    rank = int(os.environ.get("RANK", 0))
     try:
-        return train(cfg)
-    except NonFiniteLoss as err:
+        if rank != 0:  # rank 0 holds the run's lock for all of them
+            return train(cfg)
+        check_writable(cfg.output_dir, need_bytes=64 << 20, what="--output-dir")
+        with OutputLock(Path(cfg.output_dir) / "train", "finetune.train"):
+            return train(cfg)
+    except (NonFiniteLoss, OutputError) as err:
         raise SystemExit(str(err)) from None
+    except D.DataError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -329,11 +454,12 @@ def train(cfg: TrainConfig) -> Path:
     )
     if is_main:
         print(json.dumps(resolved, indent=2, ensure_ascii=False), flush=True)
-        (out / "train_config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False), encoding="utf-8")
-        (out / "schema.json").write_text(json.dumps(schema, indent=2, ensure_ascii=False), encoding="utf-8")
+        atomic_write_json(out / "train_config.json", resolved)
+        atomic_write_json(out / "schema.json", schema)
 
     checkpoint_dir = out / "checkpoints"
-    resume_from = last_checkpoint(checkpoint_dir) if cfg.resume else None
+    resume_from = last_checkpoint(checkpoint_dir, log=lambda m: print(m, flush=True) if is_main else None) \
+        if cfg.resume else None
     allow_numpy_rng_state_in_checkpoints()
     log_path = out / "train_log.jsonl"
     if is_main:
@@ -402,18 +528,32 @@ def train(cfg: TrainConfig) -> Path:
         # The log callback first, so train_log.jsonl shows the non-finite eval loss that stopped the run.
         callbacks=[make_log_callback(log_path), stop_on_non_finite_eval()] + ([sample_decode] if sample_decode else []),
     )
+    if resume_from:
+        trainer.resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
+        trainer.loss_sum_before = loss_sum_at(resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    mean_loss = trainer.true_train_loss if trainer.true_train_loss is not None else result.training_loss
     print(
-        f"[rank {rank}/{world_size}] finished at step {trainer.state.global_step}, "
-        f"mean train loss {result.training_loss:.4f}",
+        f"[rank {rank}/{world_size}] finished at step {trainer.state.global_step}, mean train loss {mean_loss:.4f}",
         flush=True,
     )
 
     final_dir = out / ("adapter" if cfg.method == "lora" else "model")
-    trainer.save_model(str(final_dir))  # the best checkpoint when evaluating (load_best_model_at_end)
+    # Saved beside and renamed into place (safe_io): a kill never leaves a half-written adapter for merge.
+    # One name for every rank (the pid differs), safe because the run's lock admits one run.
+    tmp = side_dir(final_dir, TMP_MARK, "save")
     if is_main:
-        tokenizer.save_pretrained(str(final_dir))
-        (final_dir / "schema.json").write_text(json.dumps(schema, indent=2, ensure_ascii=False), encoding="utf-8")
+        recover_dir(final_dir)
+    try:
+        trainer.save_model(str(tmp))  # the best checkpoint when evaluating (load_best_model_at_end)
+        if is_main:
+            tokenizer.save_pretrained(str(tmp))
+            atomic_write_json(tmp / "schema.json", schema)
+            replace_dir(tmp, final_dir, side_dir(final_dir, OLD_MARK, "save"))
+    finally:
+        if is_main:  # a failed save (a full disk) leaves no half-written folder; the old adapter is untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+    if is_main:
         best = trainer.state.best_metric
         print(
             f"saved {final_dir}"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from finetune.config import parse_config
 from finetune.data import CLASSIFICATION, EXTRACTION, DataError, Example, read_jsonl
+from finetune.safe_io import OutputError, OutputLock, atomic_write, check_writable, refuse_overlap
 from model.load import LoadedModel, ModelLoadError, load_merged
 from model.metrics import classification_metrics, triple_metrics
 from model.parsing import Triple, parse_triples
@@ -123,27 +124,40 @@ def format_table(metrics: dict) -> str:
     return "\n".join(f"{key:<{width}}  {fmt(metrics.get(key))}" for key in FLAT_KEYS)
 
 
+def predictions_path(output: Path) -> Path:
+    return output.with_suffix(".predictions.jsonl")
+
+
+def check_outputs(output: Path, data: Path | str | None) -> None:
+    """Before anything slow: neither written file is the data, and the folder takes them."""
+    refuse_overlap({"--output": output, "--output's predictions file": predictions_path(output)}, {"--data": data})
+    check_writable(output.parent, need_bytes=1 << 20)
+
+
 def write_outputs(metrics: dict, output: Path) -> Path:
-    """metrics.json (without the per-row list) and OUTPUT.predictions.jsonl beside it, atomically."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    rows_path = output.with_suffix(".predictions.jsonl")
+    """metrics.json (without the per-row list) and OUTPUT.predictions.jsonl beside it, each atomically."""
+    rows_path = predictions_path(output)
     summary = {k: v for k, v in metrics.items() if k != "predictions"}
     summary["predictions_file"] = rows_path.name
-    for path, text in ((rows_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in metrics["predictions"])),
-                       (output, json.dumps(summary, indent=2, ensure_ascii=False))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+    atomic_write(rows_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in metrics["predictions"]))
+    atomic_write(output, json.dumps(summary, indent=2, ensure_ascii=False))
     return rows_path
 
 
 def main(argv=None) -> dict:
     cfg = parse_config(EvalConfig, argv, __doc__)
+    output = Path(cfg.output) if cfg.output else Path(cfg.model) / "metrics.json"
     try:
-        examples = read_jsonl(cfg.data)
-        lm = load_merged(cfg.model, device=cfg.device)
-    except (DataError, ModelLoadError) as err:
+        check_outputs(output, cfg.data)
+        with OutputLock(output, "model.evaluate"):
+            return _run(cfg, output)
+    except (DataError, ModelLoadError, OutputError) as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def _run(cfg: EvalConfig, output: Path) -> dict:
+    examples = read_jsonl(cfg.data)
+    lm = load_merged(cfg.model, device=cfg.device)
     if cfg.limit > 0:
         examples = examples[: cfg.limit]
     from tqdm import tqdm
@@ -151,7 +165,6 @@ def main(argv=None) -> dict:
     with tqdm(total=len(examples), desc="evaluating", unit="row", file=sys.stderr) as bar:
         metrics = evaluate(lm, examples, constrained=not cfg.unconstrained, batch_size=cfg.batch_size,
                            on_progress=lambda done, _total: bar.update(done - bar.n))
-    output = Path(cfg.output) if cfg.output else Path(cfg.model) / "metrics.json"
     rows_path = write_outputs(metrics, output)
     mode = "unconstrained" if cfg.unconstrained else "constrained"
     print(f"{mode} decoding, {cfg.data}, model {cfg.model}\n{format_table(metrics)}\n-> {output}, {rows_path}")

@@ -13,7 +13,8 @@ and ends byte-identical to an uninterrupted run):
     the input's fingerprint (size + sha256), the settings, rows done and the partial file's size;
   - a rerun whose input and settings match truncates the partial file to the recorded size (dropping
     a half-written chunk), skips the rows done and goes on; anything else starts over, saying why;
-  - at the end the partial file is renamed to OUT, so OUT is never half-written.
+  - at the end the partial file is renamed to OUT, so OUT is never half-written;
+  - the whole run holds OUT.lock (finetune.safe_io.OutputLock), so no other run appends to OUT.partial.
 Chunks are the same with or without an interruption (resume starts on a chunk boundary), so even a
 model whose answers depend on batch composition gives identical bytes.
 """
@@ -37,7 +38,8 @@ from pathlib import Path
 from typing import Protocol
 
 from finetune.config import parse_config
-from model.prompts import TASKS
+from finetune.safe_io import OutputError, OutputLock, atomic_write_json, check_writable, fsync_dir, refuse_overlap
+from model.prompts import TASKS, is_blank
 
 # Header names (lower case) that hold the text to label, most specific first.
 TEXT_COLUMN_NAMES = ("comment", "text", "review", "content", "sentence", "评论", "内容", "文本", "句子")
@@ -66,6 +68,7 @@ starts with = + - @ or a tab/CR (and is not a plain number) gets a leading singl
 run it as a formula (OWASP "CSV injection").
 Resume: the run writes OUT.partial and OUT.progress.json after every chunk; rerun the same command after
 an interruption and it continues where it stopped. OUT appears only when the run is complete.
+One run per output: OUT.lock is held while it runs, and a second run on the same OUT is refused.
 """
 
 
@@ -116,8 +119,10 @@ class LabelConfig:
         unknown = [t for t in wanted if t not in TASKS]
         if unknown or not wanted:
             problems.append(f"--tasks must be a comma-separated subset of {','.join(TASKS)}, got {self.tasks!r}")
-        if Path(self.input).resolve() == Path(self.output).resolve():
-            problems.append("--output must differ from --input (the input is read while the output is written)")
+        try:  # the output and its side files (OUT.partial, OUT.progress.json, OUT.lock) are all written
+            refuse_overlap({"--output": self.output}, {"--input": self.input})
+        except OutputError as err:
+            problems.append(str(err))
         if problems:
             raise LabelError("; ".join(problems))
 
@@ -251,6 +256,10 @@ def prepare(cfg: LabelConfig, source: Source | None = None) -> tuple[Source, lis
         raise LabelError(f"{source.path} has a header but no rows to label")
     if Path(cfg.output).is_dir():
         raise LabelError(f"--output {cfg.output} is a directory; give a file name such as labelled.csv")
+    try:  # before the model loads: the output roughly takes the input's size plus the new columns
+        check_writable(Path(cfg.output).parent, need_bytes=2 * source.size + (1 << 20))
+    except OutputError as err:
+        raise LabelError(str(err)) from None
     return source, header, pick_text_column(header, cfg.column, source.path)
 
 
@@ -325,7 +334,7 @@ def label_texts(
     """One RowLabel per text, never raising: empty texts are errors without a model call, and a chunk
     whose prediction raises is retried text by text so only the failing rows carry an error."""
     labels = [RowLabel(error=EMPTY_TEXT) for _ in texts]
-    todo = [i for i, text in enumerate(texts) if text.strip()]
+    todo = [i for i, text in enumerate(texts) if not is_blank(text)]
     if not todo:
         return labels
     try:
@@ -374,29 +383,6 @@ def render_rows(rows: Sequence[Sequence[str]]) -> bytes:
     # Input was decoded strictly and answers are decoded tokens, so nothing here is unencodable;
     # "replace" only guarantees a stray surrogate can never abort a run.
     return buffer.getvalue().encode("utf-8", errors="replace")
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(data, handle, ensure_ascii=False, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- resume
@@ -462,7 +448,7 @@ def resume_point(output: Path, key: dict, log: Callable[[str], None]) -> tuple[i
 
 def _save_progress(output: Path, key: dict, rows: int, errors: int, offset: int) -> None:
     state = {"format": PROGRESS_FORMAT, "key": key, "rows_done": rows, "error_rows": errors, "partial_bytes": offset}
-    _write_json_atomic(progress_path(output), state)
+    atomic_write_json(progress_path(output), state, indent=1)
 
 
 # ---------------------------------------------------------------- the run
@@ -498,11 +484,23 @@ def label_csv(
     log: Callable[[str], None] = _log_stderr,
     on_progress: Callable[[int, int], None] | None = None,
     show_bar: bool = True,
+    take_lock: bool = True,
 ) -> LabelResult:
     """Label cfg.input into cfg.output with predict_fn(texts) -> predictions, resuming an interrupted run.
 
     `source` skips re-inspecting an input already checked (main checks it before loading the model);
-    `on_progress(rows_done, estimated_total)` is for callers without a terminal (the Streamlit page)."""
+    `on_progress(rows_done, estimated_total)` is for callers without a terminal (the Streamlit page).
+    The output is locked for the run (OUT.lock) unless the caller holds the lock (take_lock=False)."""
+    if not take_lock:
+        return _label_csv(cfg, predict_fn, source, log, on_progress, show_bar)
+    try:
+        with OutputLock(cfg.output, "model.label"):
+            return _label_csv(cfg, predict_fn, source, log, on_progress, show_bar)
+    except OutputError as err:
+        raise LabelError(str(err)) from None
+
+
+def _label_csv(cfg, predict_fn, source, log, on_progress, show_bar) -> LabelResult:
     from tqdm import tqdm
 
     started = time.time()
@@ -542,7 +540,7 @@ def label_csv(
         bar.total = done
         bar.refresh()
     os.replace(partial, output)
-    _fsync_dir(output.parent)
+    fsync_dir(output.parent)
     progress_path(output).unlink(missing_ok=True)
     result = LabelResult(output, done, error_rows, resumed, source.encoding, column, time.time() - started)
     log(f"wrote {output}: {done:,} rows, {error_rows:,} with an error, in {result.seconds:.1f}s")
@@ -570,8 +568,10 @@ def main(argv: list[str] | None = None, predict_fn: PredictFn | None = None) -> 
         _log_stderr(f"config: {json.dumps(dataclasses.asdict(cfg), ensure_ascii=False)}")
         # Check the input before the (slow) model load, so a wrong file fails in a second.
         source, _, _ = prepare(cfg)
-        return label_csv(cfg, predict_fn or model_predictor(cfg), source=source)
-    except (LabelError, ModelLoadError) as err:
+        # Locked before the model loads, so a second run on the same output is refused in a second.
+        with OutputLock(cfg.output, "model.label"):
+            return label_csv(cfg, predict_fn or model_predictor(cfg), source=source, take_lock=False)
+    except (LabelError, OutputError, ModelLoadError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

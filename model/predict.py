@@ -15,7 +15,7 @@ from finetune.data import truncate_prompt
 from model import decoding, grammar, vocab
 from model.load import LoadedModel
 from model.parsing import Triple, format_category, parse_category, parse_triples
-from model.prompts import CLASSIFICATION, EXTRACTION, build_prompt
+from model.prompts import CLASSIFICATION, EXTRACTION, build_prompt, is_blank
 
 TASKS = (CLASSIFICATION, EXTRACTION)
 DEFAULT_MAX_NEW_TOKENS = {CLASSIFICATION: 16, EXTRACTION: 300}
@@ -59,7 +59,7 @@ def clean_text(text: object) -> tuple[str | None, list[str], str | None]:
     if text is None or (isinstance(text, float) and text != text):  # None or NaN from pandas
         return None, [], "empty text"
     text = str(text).strip()
-    if not text:
+    if is_blank(text):
         return None, [], "empty text"
     if len(text) > MAX_TEXT_CHARS:
         return text[:MAX_TEXT_CHARS], [f"text cut to its first {MAX_TEXT_CHARS} of {len(text)} characters"], None

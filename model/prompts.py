@@ -6,6 +6,8 @@ instruction and phrasings come from the schema saved with the model, never from 
 
 from __future__ import annotations
 
+import unicodedata
+
 # Kept in step with finetune.data.TASKS (a test checks it); not imported because finetune.data
 # pulls in torch and this module must stay importable without it.
 CLASSIFICATION = "classification"
@@ -48,3 +50,13 @@ def build_prompt(schema: dict, text: str, task: str, phrasing: str | None = None
     prompt = _prompt_section(schema)
     # The text is a format *argument*, so braces inside it are never interpreted.
     return prompt["template"].format(instruction=prompt["instruction"], phrasing=phrasing or chosen, text=text)
+
+
+# Spaces, separators, control and format characters (zero-width space, BOM, joiners): a text made
+# only of these shows nothing to a reader, so there is nothing to label.
+INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+
+
+def is_blank(text: str) -> bool:
+    """Whether a text has no visible character (str.strip keeps a zero-width space, for one)."""
+    return all(ch.isspace() or unicodedata.category(ch) in INVISIBLE_CATEGORIES for ch in text)

@@ -12,7 +12,7 @@ from app_support.batch import (
     preview_and_failures,
     size_problem,
 )
-from app_support.settings import MAX_UPLOAD_MB
+from app_support.settings import MAX_UPLOAD_MB, user_message
 from app_support.ui import page_setup, require_model
 from model.label import OUTPUT_COLUMNS, TEXT_COLUMN_NAMES, LabelError
 
@@ -47,6 +47,8 @@ if st.session_state.get("batch_checked", (None,))[0] != uploaded.id:
         checked = check_upload(uploaded.name, uploaded.getvalue())
     except LabelError as err:
         checked = str(err)
+    except OSError as err:  # the temp folder vanished or filled up while the file was read back
+        checked = user_message(err)
     st.session_state["batch_checked"] = (uploaded.id, checked)
     st.session_state.pop("batch_result", None)
 upload = st.session_state["batch_checked"][1]
@@ -85,7 +87,7 @@ if st.button("开始标注 Label the file", type="primary", disabled=column == C
         st.error(f"无法标注 cannot label this file: {err}")
         st.stop()
     except Exception as err:  # noqa: BLE001 - e.g. a full disk: a message on the page, not a traceback
-        st.error(f"标注失败 labelling failed: {type(err).__name__}: {err}")
+        st.error(f"标注失败 labelling failed: {user_message(err)}")
         st.stop()
     bar.progress(1.0)
     st.session_state["batch_result"] = (uploaded.id, result)

@@ -1,5 +1,7 @@
 """效果评估: metrics of the served model on the dev file or an uploaded labelled jsonl (model.evaluate)."""
 
+import os
+import sys
 from pathlib import Path
 
 import streamlit as st
@@ -13,7 +15,7 @@ from app_support.evaluation import (
     wrong_rows,
 )
 from app_support.plots import confusion_figure
-from app_support.settings import DEV_FILE, HEADLINE_METRICS, format_metric
+from app_support.settings import DEV_FILE, HEADLINE_METRICS, format_metric, user_message, writes_allowed
 from app_support.ui import page_setup, require_model
 from finetune.data import DataError
 
@@ -45,6 +47,9 @@ if st.button("开始评估 Evaluate", type="primary", disabled=source == UPLOAD 
     except DataError as err:
         st.error(f"无法读取数据 cannot read the data: {err}")
         st.stop()
+    except OSError as err:  # e.g. a full temp folder while an upload is stored to be read
+        st.error(f"无法读取数据 cannot read the data: {user_message(err)}")
+        st.stop()
     counts = task_counts(examples)
     bar, status = st.progress(0.0), st.empty()
 
@@ -56,7 +61,7 @@ if st.button("开始评估 Evaluate", type="primary", disabled=source == UPLOAD 
     try:
         metrics = evaluate(lm, examples, on_progress=report)
     except Exception as err:  # noqa: BLE001 - a message on the page, not a traceback
-        st.error(f"评估失败 evaluation failed: {type(err).__name__}: {err}")
+        st.error(f"评估失败 evaluation failed: {user_message(err)}")
         st.stop()
     bar.progress(1.0)
     name = uploaded.name if uploaded is not None else DEV_FILE
@@ -90,8 +95,13 @@ if stored:
     summary = summary_json(metrics)
     left, right = st.columns(2)
     left.download_button("下载 metrics.json", summary, file_name="metrics.json", mime="application/json")
-    if right.button(f"保存到模型目录 save as {model_dir / 'metrics.json'}"):
+    # Visitors cannot change what every other visitor sees unless the server's owner allows it.
+    if writes_allowed(sys.argv, os.environ) and right.button(f"保存到模型目录 save as {model_dir / 'metrics.json'}"):
         from model.evaluate import write_outputs
 
-        write_outputs(metrics, model_dir / "metrics.json")
-        st.success(f"saved {model_dir / 'metrics.json'}; the sidebar shows it from the next page load")
+        try:
+            write_outputs(metrics, model_dir / "metrics.json")
+        except OSError as err:  # a read-only model folder, a full disk
+            st.error(f"无法保存 could not save metrics.json: {user_message(err)}")
+        else:
+            st.success(f"saved {model_dir / 'metrics.json'}; the sidebar shows it from the next page load")

@@ -124,3 +124,56 @@ def double_merged(tmp_path_factory, double_base, small_data):
         return merged[kind]
 
     return get
+
+
+# ---------------------------------------------------------------- folders that refuse writes
+# Real ones, so the code meets the errors a user's disk gives: as root (CI, these VMs) a small tmpfs,
+# mounted read-only or filled up (root writes through permission bits); as another user, a folder
+# without write permission. Only a non-root user without the tmpfs cannot get a full disk: then the
+# fixture says so and the test does not run.
+
+
+def _mount_tmpfs(folder: Path, options: str) -> bool:
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    return done.returncode == 0
+
+
+def _unmount(folder: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture()
+def readonly_dir(tmp_path):
+    """A folder no file can be created in (EROFS or EACCES)."""
+    folder = tmp_path / "readonly"
+    if _mount_tmpfs(folder, "ro,size=1m"):
+        yield folder
+        _unmount(folder)
+        return
+    folder.chmod(0o555)
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.fixture()
+def full_dir(tmp_path):
+    """A folder on a full filesystem: creating an empty file works, writing a byte fails with ENOSPC."""
+    folder = tmp_path / "full"
+    if not _mount_tmpfs(folder, "size=256k"):
+        pytest.skip("a full filesystem needs root to mount a small tmpfs (CI runs as root)")
+    try:
+        with (folder / "filler").open("wb") as handle:
+            while True:
+                handle.write(b"0" * 4096)
+                handle.flush()
+    except OSError:
+        pass
+    yield folder
+    _unmount(folder)

@@ -217,6 +217,8 @@ def test_evaluation_page_shows_the_metrics(page, server, data_dir):
     for label in labels:
         assert label in text
     assert "6 行 rows: 3 分类 classification, 3 抽取 extraction" in text
+    # Read-only for visitors: no way to replace the served model's metrics.json without --allow-writes.
+    assert "保存到模型目录" not in text
     page.wait_for_selector('[data-testid="stImage"] img')  # the confusion matrix
     no_exception(page)
     screenshot(page, "4_evaluation")

@@ -131,3 +131,33 @@ def test_a_model_moved_aside_by_a_killed_merge_is_put_back(nonzero_run, tmp_path
 def test_merge_names_a_run_that_is_not_one(tmp_path):
     with pytest.raises(SystemExit, match="no train_config.json"):
         merge.main(["--run", str(tmp_path)])
+
+
+def test_a_corrupt_train_config_is_named_not_a_traceback(nonzero_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter").symlink_to(nonzero_run / "adapter")
+    (run / "train_config.json").write_text('{"base_model": "/models/x", "meth')  # cut by a full disk
+    with pytest.raises(SystemExit, match="train_config.json is unreadable or incomplete"):
+        merge.main(["--run", str(run)])
+
+
+def test_a_second_merge_into_the_same_folder_is_refused_naming_the_first(nonzero_run, tmp_path):
+    from finetune.safe_io import OutputLock
+
+    target = tmp_path / "m"
+    with OutputLock(target, "finetune.merge"), pytest.raises(SystemExit, match=f"pid {os.getpid()}"):
+        merge.main(["--run", str(nonzero_run), "--output-dir", str(target)])
+    assert not target.exists()
+
+
+def test_merge_checks_its_output_folder_before_loading_the_models(nonzero_run, readonly_dir):
+    with pytest.raises(SystemExit, match="--output-dir: cannot write in .*readonly"):
+        merge.main(["--run", str(nonzero_run), "--output-dir", str(readonly_dir / "m")])
+
+
+def test_weight_bytes_counts_parameters_at_the_output_dtype(tiny_base):
+    tensors = load_file(str(tiny_base / "model.safetensors"))
+    params = sum(t.numel() for t in tensors.values())
+    assert merge.weight_bytes(tiny_base, "fp16") == 2 * params
+    assert merge.weight_bytes(tiny_base, "fp32") == 4 * params

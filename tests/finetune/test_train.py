@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from finetune import train
-from finetune.data import TRAIN_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,16 +37,6 @@ def test_acceptance_run_logs_falling_loss_and_saves_everything(trained_run):
     samples = [r for r in log if "sample_n" in r]
     assert [r["step"] for r in samples] == eval_steps
     assert all(r["sample_n"] == 4 and 0 <= r["sample_correct"] <= r["sample_well_formed"] <= 1 for r in samples)
-
-
-@pytest.fixture()
-def small_data(tmp_path, data_dir) -> Path:
-    """64 training rows and no dev file: the last step's adapter is the saved one."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    lines = (data_dir / TRAIN_FILE).read_text(encoding="utf-8").splitlines()[:64]
-    (folder / TRAIN_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
 
 
 def run_args(base, data, out, steps, *extra):
@@ -86,7 +75,13 @@ def test_resume_continues_from_saved_step_with_same_optimizer_state(tmp_path, ti
     train.main(run_args(tiny_base, small_data, resumed, 2))  # "interrupted" after step 2
     fresh_optimizer = tmp_path / "fresh_optimizer"
     shutil.copytree(resumed, fresh_optimizer)
-    (fresh_optimizer / "checkpoints" / "checkpoint-2" / "optimizer.pt").unlink()
+    # Adam's moments zeroed: a resume that restored the step but not the optimizer state.
+    optimizer_file = fresh_optimizer / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    state = torch.load(optimizer_file, weights_only=False)
+    for moments in state["state"].values():
+        moments["exp_avg"].zero_()
+        moments["exp_avg_sq"].zero_()
+    torch.save(state, optimizer_file)
     train.main(run_args(tiny_base, small_data, resumed, 4, "--resume"))
 
     steps = [r["step"] for r in read_log(resumed) if "loss" in r]
