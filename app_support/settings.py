@@ -135,3 +135,17 @@ def model_summary(info: dict) -> list[tuple[str, str]]:
         ("类别 labels", f"{len(info.get('labels', []))}: " + "、".join(info.get("labels", []))),
         ("关系 predicates", f"{len(info.get('predicates', []))}: " + "、".join(info.get("predicates", []))),
     ]
+
+
+def demo_banner(schema: dict, n_params: int | None, metrics: dict | None) -> str | None:
+    """The one line every page shows when the served model is finetune.demo's toy (schema "demo": true)."""
+    if not schema.get("demo"):
+        return None
+    size = f"{n_params / 1e6:.1f}M" if isinstance(n_params, int) else "a tiny"
+    line = (f"演示模型 Demo model: a {size}-parameter toy trained from scratch on a CPU in minutes. It shows the "
+            "machinery (constrained decoding, CSV labelling), not the quality of a fine-tuned ChatGLM-6B; "
+            "its triples are mostly wrong.")
+    if metrics and metrics.get("cls_accuracy") is not None:
+        line += (f" Dev: category accuracy {format_metric(metrics.get('cls_accuracy'))}, triple F1 "
+                 f"{format_metric(metrics.get('triple_f1'))} (n = {metrics.get('n', '?')}).")
+    return line

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 # The app never downloads: a wrong --model must fail fast, not retry the hub for minutes.
@@ -13,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import streamlit as st  # noqa: E402
 
 from app_support.settings import (  # noqa: E402
+    demo_banner,
     headline_metrics,
     model_dir_from_argv,
     model_summary,
@@ -39,12 +41,20 @@ def page_setup(title: str, icon: str) -> Path:
     return model_dir_from_argv(sys.argv)
 
 
+# Streamlit 1.17's singleton lets two sessions run the loader at once on a fresh server, and importing
+# transformers from two threads at once fails in one of them ("cannot import name 'PretrainedConfig'"),
+# so that visitor was told there is no model. One load at a time; the second then finds it cached.
+# This module is imported once per process (pages are re-run, imports are not), so the lock is shared.
+_LOAD_LOCK = threading.Lock()
+
+
 def get_model(model_dir: Path):
     """(LoadedModel, None) or (None, user-facing reason); never raises into the page."""
     from model.load import ModelLoadError
 
     try:
-        return _load_model(str(model_dir.resolve())), None
+        with _LOAD_LOCK:
+            return _load_model(str(model_dir.resolve())), None
     except ModelLoadError as err:
         return None, str(err)
     except Exception as err:  # noqa: BLE001 - e.g. out of memory: a message, not a traceback
@@ -78,6 +88,13 @@ def sidebar(model_dir: Path, lm, error: str | None) -> None:
             st.caption("没有 metrics.json: 在「效果评估」页评估，或运行 python -m model.evaluate")
 
 
+def show_demo_banner(model_dir: Path, lm) -> None:
+    """One line at the top of every page when the model is the CPU demo's toy."""
+    line = demo_banner(lm.schema, lm.n_params, read_metrics(model_dir)) if lm is not None else None
+    if line:
+        st.warning(line)
+
+
 def show_no_model(model_dir: Path, error: str) -> None:
     st.error(f"没有可用的模型 No model to serve: {error}")
     st.markdown("先生成一个模型，然后刷新本页。 Make one with these commands, then reload this page:")
@@ -88,6 +105,7 @@ def require_model(model_dir: Path):
     """The loaded model, after drawing the sidebar; without one, explain how to make it and stop the page."""
     lm, error = get_model(model_dir)
     sidebar(model_dir, lm, error)
+    show_demo_banner(model_dir, lm)
     if lm is None:
         show_no_model(model_dir, error or "unknown error")
         st.stop()

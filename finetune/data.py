@@ -182,6 +182,35 @@ def derive_schema(examples: list[Example]) -> dict:
     }
 
 
+NO_TRIPLES_TARGET = JSON_FENCE_OPEN + "[]" + JSON_FENCE_CLOSE
+
+
+def negative_extraction_rows(examples: list[Example], share: float) -> list[Example]:
+    """Extraction rows answered `[]` (no relation), made from classification texts (shop comments).
+
+    Without them no training row ever answers the extraction task with an empty list, so a model learns
+    that every text holds a relation and invents one for every comment. `share` is their number as a
+    share of the real extraction rows (0.25: one per four); the texts are spread evenly over the
+    classification rows and asked with the extraction phrasings in turn, so the rows are the same on
+    every machine. Prompts come from the same template, instruction and phrasings as the real rows."""
+    if share <= 0:
+        return []
+    cls = [ex for ex in examples if ex.task == CLASSIFICATION]
+    ext = [ex for ex in examples if ex.task == EXTRACTION]
+    if not cls or not ext:
+        return []
+    n = min(len(cls), round(share * len(ext)))
+    phrasings = [p for p, _ in Counter(ex.phrasing for ex in ext).most_common()]
+    instruction = Counter(ex.instruction for ex in ext).most_common(1)[0][0]
+    rows = []
+    for i in range(n):
+        source = cls[i * len(cls) // n]
+        phrasing = phrasings[i % len(phrasings)]
+        context = PROMPT_TEMPLATE.format(instruction=instruction, phrasing=phrasing, text=source.text)
+        rows.append(Example(context, NO_TRIPLES_TARGET, EXTRACTION, instruction, phrasing, source.text, [], 0))
+    return rows
+
+
 # --------------------------------------------------------------------------- tokenization
 
 

@@ -113,7 +113,7 @@ def _done(started: float) -> float:
     return seconds
 
 
-def total_steps_of(config_path: str | Path, n_train: int) -> int | None:
+def total_steps_of(config_path: str | Path, n_train: int, n_extraction: int = 0) -> int | None:
     """Optimizer steps the preset will run (for the ETA), as finetune.train counts them."""
     import math
 
@@ -125,8 +125,18 @@ def total_steps_of(config_path: str | Path, n_train: int) -> int | None:
         return None
     if int(preset.get("max_steps", -1)) > 0:
         return int(preset["max_steps"])
+    if negative_share := float(preset.get("negative_rows", 0) or 0):  # finetune.train adds these rows
+        n_train += round(negative_share * n_extraction)
     per_step = int(preset.get("batch_size", 4)) * int(preset.get("grad_accum", 1))
     return math.ceil(float(preset.get("epochs", 3)) * math.ceil(n_train / per_step))
+
+
+def mark_demo(merged: Path) -> None:
+    """schema.json says "demo": true, so every page of the app can say it serves a toy model."""
+    from finetune.safe_io import atomic_write_json
+
+    schema = json.loads((merged / "schema.json").read_text(encoding="utf-8"))
+    atomic_write_json(merged / "schema.json", {**schema, "demo": True})
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -155,14 +165,16 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["tiny"] = _done(t)
 
     t = _step(2, f"finetune.train --config {cfg.train_config} -> {out}")
-    n_train = sum(1 for line in (data_dir / TRAIN_FILE).open(encoding="utf-8") if line.strip())
-    with LogTail(out / "train_log.jsonl", total_steps_of(cfg.train_config, n_train)):
+    lines = [line for line in (data_dir / TRAIN_FILE).open(encoding="utf-8") if line.strip()]
+    n_extraction = sum(1 for line in lines if '"target": "```json' in line)
+    with LogTail(out / "train_log.jsonl", total_steps_of(cfg.train_config, len(lines), n_extraction)):
         train.main(["--config", cfg.train_config, "--base-model", str(base), "--data-dir", str(data_dir),
                     "--output-dir", str(out)])
     timings["train"] = _done(t)
 
     t = _step(3, f"finetune.merge --run {out} -> {merged}")
     merge.main(["--run", str(out)])
+    mark_demo(merged)
     timings["merge"] = _done(t)
 
     t = _step(4, f"model.evaluate on {data_dir / DEV_FILE} -> {merged / 'metrics.json'}")

@@ -8,17 +8,23 @@ import streamlit as st
 from app_support.fonts import cjk_font_name
 from app_support.plots import loss_figure
 from app_support.runs import config_table, discover_runs, read_config, read_log, summary
-from app_support.ui import get_model, page_setup, sidebar
+from app_support.settings import user_message
+from app_support.ui import get_model, page_setup, show_demo_banner, sidebar
 
 model_dir = page_setup("训练曲线 Training curves", "📈")
 # This page works without a model: the sidebar just says there is none.
 lm, error = get_model(model_dir)
 sidebar(model_dir, lm, error)
+show_demo_banner(model_dir, lm)
 
 st.title("训练曲线 Training curves")
 # runs/ and the served model's own runs folder (runs/NAME/merged -> runs/), which may lie elsewhere.
 roots = [Path("runs")] + ([model_dir.parent.parent] if model_dir.name == "merged" else [])
-runs = discover_runs(roots)
+try:
+    runs = discover_runs(roots)
+except OSError as err:  # an unreadable runs folder: one line, no server paths
+    st.error(f"无法读取训练记录 cannot read the runs: {user_message(err)}")
+    st.stop()
 if not runs:
     st.info("还没有训练记录 no runs yet: no runs/*/train_log.jsonl. Train one with "
             "`python -m finetune.train ... --output-dir runs/NAME` or `make demo`.")
@@ -32,8 +38,12 @@ if not chosen:
     st.info("请选择至少一个运行 choose at least one run")
     st.stop()
 
-logs = {name: read_log(by_name[name].log_path) for name in chosen}
-configs = {name: read_config(by_name[name].path) for name in chosen}
+try:
+    logs = {name: read_log(by_name[name].log_path) for name in chosen}
+    configs = {name: read_config(by_name[name].path) for name in chosen}
+except OSError as err:
+    st.error(f"无法读取训练记录 cannot read the runs: {user_message(err)}")
+    st.stop()
 left, right = st.columns([3, 2])
 with left:
     st.pyplot(loss_figure(logs))

@@ -17,7 +17,7 @@ from app_support.evaluation import (
 from app_support.plots import confusion_figure
 from app_support.settings import DEV_FILE, HEADLINE_METRICS, format_metric, user_message, writes_allowed
 from app_support.ui import page_setup, require_model
-from finetune.data import DataError
+from finetune.data import TRAIN_FILE, DataError, read_jsonl
 
 DEV, UPLOAD = "验证集 dev file", "上传 jsonl upload a jsonl"
 
@@ -34,6 +34,9 @@ if source == DEV:
     st.caption(f"`{DEV_FILE}`" + ("" if Path(DEV_FILE).is_file() else " — 不存在 missing: run `make data`"))
 else:
     uploaded = st.file_uploader("labelled jsonl", key="eval_upload")
+prompts = st.radio("提示 prompts", ["canonical", "data"], horizontal=True,
+                   help="canonical: 与应用、model.label 相同的提问 the serving phrasing; "
+                        "data: 每行自己的提问 each row's own phrasing (shows how much the wording matters)")
 limit = st.number_input("只评估前 N 行 evaluate the first N rows (0 = 全部 all)", min_value=0, value=0, step=10)
 
 if st.button("开始评估 Evaluate", type="primary", disabled=source == UPLOAD and uploaded is None):
@@ -59,7 +62,9 @@ if st.button("开始评估 Evaluate", type="primary", disabled=source == UPLOAD 
 
     report(0, len(examples))
     try:
-        metrics = evaluate(lm, examples, on_progress=report)
+        train_file = Path(DEV_FILE).with_name(TRAIN_FILE)  # the baseline learns from the model's training rows
+        baseline_train = read_jsonl(train_file) if train_file.is_file() else None
+        metrics = evaluate(lm, examples, on_progress=report, prompts=prompts, baseline_train=baseline_train)
     except Exception as err:  # noqa: BLE001 - a message on the page, not a traceback
         st.error(f"评估失败 evaluation failed: {user_message(err)}")
         st.stop()
@@ -71,7 +76,16 @@ stored = st.session_state.get("eval_result")
 if stored:
     name, metrics = stored
     st.subheader(f"结果 Results: {name}")
-    st.caption(f"{metrics['n']} 行 rows: {metrics['cls_n']} 分类 classification, {metrics['ie_n']} 抽取 extraction")
+    st.caption(f"{metrics['n']} 行 rows: {metrics['cls_n']} 分类 classification, {metrics['ie_n']} 抽取 extraction; "
+               f"{metrics.get('prompts', 'canonical')} prompts. 严格计分 strict: only answers exactly in the training "
+               f"format count; lenient (parser repairs allowed): accuracy "
+               f"{format_metric(metrics.get('lenient_cls_accuracy'))}, triple F1 "
+               f"{format_metric(metrics.get('lenient_triple_f1'))}; reference spans not in their text: "
+               f"{metrics.get('gold_spans_not_in_text', '–')}")
+    if metrics.get("baseline_cls_accuracy") is not None:
+        st.caption(f"参照 baseline (字符 1-3-gram TF-IDF + logistic regression, trained on {TRAIN_FILE}): category "
+                   f"accuracy {format_metric(metrics['baseline_cls_accuracy'])}, macro-F1 "
+                   f"{format_metric(metrics.get('baseline_cls_macro_f1'))}")
     first, second = st.columns(4), st.columns(4)
     for column, (key, label) in zip([*first, *second], HEADLINE_METRICS, strict=False):
         column.metric(label, format_metric(metrics.get(key)))

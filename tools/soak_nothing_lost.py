@@ -70,7 +70,8 @@ def _browse(n, browser, url, data, folder, until, report) -> None:
     try:
         while time.time() < until:
             page.goto(f"{url}/batch")
-            page.wait_for_selector(UPLOAD, state="attached")
+            # Generous: on 2 cores shared with three labelling processes a page can take a while to draw.
+            page.wait_for_selector(UPLOAD, state="attached", timeout=180_000)
             page.set_input_files(UPLOAD, files=[{"name": "soak.csv", "mimeType": "text/csv", "buffer": data}])
             page.get_by_role("button", name="开始标注 Label the file").click(timeout=60_000)
             with page.expect_download(timeout=300_000) as info:
@@ -87,7 +88,7 @@ def _browse(n, browser, url, data, folder, until, report) -> None:
             else:
                 report["browser_runs"] += 1
     except Exception as err:  # noqa: BLE001 - the soak reports every failure
-        report["errors"].append(f"browser {n}: {type(err).__name__}: {err}")
+        report["errors"].append(f"browser {n} at {time.strftime('%H:%M:%S')}: {type(err).__name__}: {err}")
     finally:
         context.close()
 

@@ -74,3 +74,12 @@ def test_model_summary():
     assert rows["参数 parameters"] == "1,234,567"
     assert rows["类别 labels"] == "2: 水果、酒店"
     assert rows["关系 predicates"] == "1: 作者"
+
+
+def test_the_demo_banner_appears_only_for_the_demo_model_and_states_its_dev_metrics():
+    from app_support.settings import demo_banner
+
+    assert demo_banner({"labels": []}, 1_300_000, None) is None
+    line = demo_banner({"demo": True}, 1_300_000, {"cls_accuracy": 0.6826, "triple_f1": 0.1, "n": 122})
+    assert "1.3M-parameter toy" in line and "accuracy 0.683" in line and "n = 122" in line
+    assert "Dev:" not in demo_banner({"demo": True}, 1_300_000, None)

@@ -38,7 +38,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path | str, log_dir: Path, timeout_s: float = 90) -> Server:
+def start_server(model_dir: Path | str, log_dir: Path, timeout_s: float = 90, app_args: tuple[str, ...] = ()) -> Server:
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                # One torch thread: on 2 shared cores a tiny model is many times slower with two
@@ -49,7 +49,7 @@ def start_server(model_dir: Path | str, log_dir: Path, timeout_s: float = 90) ->
         "--server.headless", "true", "--server.address", "127.0.0.1", "--server.port", str(port),
         "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
         "--browser.serverAddress", "localhost",
-        "--", "--model", str(model_dir),
+        "--", "--model", str(model_dir), *app_args,
     ]
     stderr_path = log_dir / f"streamlit-{port}.stderr"
     with stderr_path.open("w") as err, (log_dir / f"streamlit-{port}.stdout").open("w") as out:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -224,6 +227,65 @@ def test_evaluation_page_shows_the_metrics(page, server, data_dir):
     screenshot(page, "4_evaluation")
     page.get_by_text("下载 metrics.json").scroll_into_view_if_needed()
     screenshot(page, "4_evaluation_bottom")
+
+
+def readonly_copy(model_dir: Path, folder: Path) -> Path:
+    """A copy of the model in a folder nothing can be written to: a tmpfs remounted read-only as root
+    (CI), else a folder without write permission."""
+    import subprocess
+
+    folder.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    copy = folder / "merged"
+    shutil.copytree(model_dir, copy)
+    if mounted:
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    else:
+        copy.chmod(0o555)
+    return copy
+
+
+def test_saving_into_a_read_only_model_folder_is_a_message(page, merged_model, data_dir, tmp_path):
+    """With --allow-writes the save button appears; a read-only model folder gives one line, no traceback."""
+    import subprocess
+
+    model = readonly_copy(merged_model, tmp_path / "ro")
+    server = start_server(model, tmp_path, app_args=("--allow-writes",))
+    try:
+        open_page(page, server, "evaluation")
+        page.get_by_text("上传 jsonl upload a jsonl").click()
+        page.wait_for_selector(UPLOAD, state="attached")
+        upload(page, "sample.jsonl", dev_sample(data_dir, per_task=1), "application/json")
+        page.get_by_role("button", name="开始评估 Evaluate").click()
+        page.get_by_role("button", name=re.compile("保存到模型目录")).click(timeout=120_000)
+        page.wait_for_selector("text=无法保存 could not save metrics.json", timeout=60_000)
+        message = page.locator(".stAlert", has_text="无法保存").inner_text()
+        assert "Read-only file system" in message or "Permission denied" in message
+        assert str(tmp_path) not in message  # one line, no server path
+        no_exception(page)
+        assert not (model / "metrics.json").exists()
+    finally:
+        stop_server(server)
+        subprocess.run(["umount", "-l", str(tmp_path / "ro")], capture_output=True)
+
+
+def test_two_sessions_opening_a_fresh_server_at_once_both_get_the_model(browser, merged_model, tmp_path):
+    """The first two visitors of a just-started server: both pages must load the one model (the soak of
+    #11 found the second failing with "cannot import name 'PretrainedConfig'" from a concurrent import)."""
+    server = start_server(merged_model, tmp_path)
+    contexts = [browser.new_context(viewport=VIEWPORT) for _ in range(2)]
+    try:
+        pages = [context.new_page() for context in contexts]
+        for page in pages:  # both navigations in flight before either script runs far
+            page.goto(f"{server.url}/batch", wait_until="commit")
+        for page in pages:
+            page.wait_for_selector(UPLOAD, state="attached", timeout=120_000)
+            assert "没有可用的模型" not in page.inner_text("body")
+    finally:
+        for context in contexts:
+            context.close()
+        stop_server(server)
 
 
 # --------------------------------------------------------------------------- whole-server checks

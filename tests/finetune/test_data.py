@@ -159,3 +159,22 @@ def test_schema_needs_rows_and_cut_answers_are_counted(tiny_base, data_dir):
     assert D.count_cut_answers(train, tok, longest) >= 1  # the longest answer plus its end token no longer fit
     # '["水果"]' is 6 tokens + end token: fits in 8; every extraction answer is longer.
     assert D.count_cut_answers(train, tok, 8) == 500
+
+
+def test_negative_extraction_rows_answer_no_triple_from_comment_texts(data_dir):
+    from finetune.data import NO_TRIPLES_TARGET, detect_task, negative_extraction_rows, split_context
+
+    rows = D.read_jsonl(data_dir / D.TRAIN_FILE)
+    cls = [ex for ex in rows if ex.task == "classification"]
+    ext = [ex for ex in rows if ex.task == "extraction"]
+    negatives = negative_extraction_rows(rows, 0.25)
+    assert len(negatives) == round(0.25 * len(ext))
+    assert negative_extraction_rows(rows, 0.25) == negatives  # the same rows on every machine
+    assert negative_extraction_rows(rows, 0) == []
+    assert {ex.text for ex in negatives} <= {ex.text for ex in cls}
+    assert len({ex.text for ex in negatives}) == len(negatives)
+    assert {ex.phrasing for ex in negatives} == {ex.phrasing for ex in ext}  # every extraction phrasing
+    for ex in negatives:
+        assert ex.task == "extraction" and ex.answer == [] and ex.target == NO_TRIPLES_TARGET
+        assert detect_task(ex.target) == ("extraction", [])  # the data format accepts it as a row too
+        assert split_context(ex.context) == {"instruction": ex.instruction, "phrasing": ex.phrasing, "text": ex.text}
