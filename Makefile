@@ -68,7 +68,8 @@ APP_PORT ?= 8501
 app: venv
 	@echo "starting the app on http://localhost:$(APP_PORT) (model $(APP_MODEL)); Ctrl-C stops it"
 	$(VENV)/bin/streamlit run app.py --server.port $(APP_PORT) --server.headless true \
-		--browser.gatherUsageStats false --server.maxUploadSize 20 -- --model $(APP_MODEL)
+		--browser.gatherUsageStats false --server.maxUploadSize 20 --server.fileWatcherType none \
+		-- --model $(APP_MODEL)
 
 # CPU benchmarks (bench/README.md): each prints a RATIO line against a baseline run in the same
 # process; logs go to runs/bench/. About 5 minutes on 2 cores (+ venv). The GPU one only dry-runs here.

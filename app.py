@@ -14,7 +14,7 @@ from app_support.highlight import highlight_html, legend_html
 from app_support.settings import user_message
 from app_support.ui import page_setup, require_model
 
-model_dir = page_setup("单条标注 Label a comment", "🏷️")
+model_dir = page_setup("单条标注 Label a comment")
 lm = require_model(model_dir)
 
 st.title("单条标注 Label a comment")

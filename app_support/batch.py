@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.label import (
+    OUTPUT_COLUMNS,
     LabelConfig,
     LabelError,
     Source,
@@ -187,8 +188,17 @@ def preview_and_failures(result: BatchResult, limit: int = PREVIEW_ROWS):
     # Columns by position: model.label renames its columns (error_2 ...) if the input already has them.
     triples_at, error_at = len(header) - 3, len(header) - 2
     text_at = result.output_columns.index(result.column) if result.column in result.output_columns else 0
-    shown = [[*row[:triples_at], compact_triples(row[triples_at]), *row[triples_at + 1 :]] for row in body[:limit]]
-    frame = pd.DataFrame(shown, columns=unique_names(header), index=range(1, min(limit, len(body)) + 1))
+    # The labeller's columns first: after a wide input they were off-screen at 1280 px.
+    results_at = len(header) - len(OUTPUT_COLUMNS)
+
+    def shown_row(row):
+        cells = [*row[:triples_at], compact_triples(row[triples_at]), *row[triples_at + 1 :]]
+        return cells[results_at:] + cells[:results_at]
+
+    shown = [shown_row(row) for row in body[:limit]]
+    names = unique_names(header)
+    frame = pd.DataFrame(shown, columns=names[results_at:] + names[:results_at],
+                         index=range(1, min(limit, len(body)) + 1))
     failed = [(n, row[text_at], row[error_at]) for n, row in enumerate(body, start=1) if row[error_at]]
     failures = pd.DataFrame([{"row": n, "text": text, "error": error} for n, text, error in failed],
                             columns=["row", "text", "error"])

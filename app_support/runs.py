@@ -110,9 +110,14 @@ def config_table(configs: dict[str, dict | None]) -> dict[str, dict[str, str]]:
     Values become text so one column can hold numbers, names and nulls (Arrow wants one type per column).
     """
     table = {}
+    # LoRA settings mean nothing for a full fine-tuning run: blank there, and gone if no run shown used LoRA.
+    any_lora = any((config or {}).get("method", "lora") == "lora" for config in configs.values())
+    fields = [key for key in KEY_CONFIG_FIELDS if any_lora or not key.startswith("lora_")]
     for run, config in configs.items():
         config = config or {}
-        table[run] = {key: "" if config.get(key) is None else str(config[key]) for key in KEY_CONFIG_FIELDS}
+        full = config.get("method") == "full"
+        table[run] = {key: "" if config.get(key) is None or (full and key.startswith("lora_")) else str(config[key])
+                      for key in fields}
         table[run]["base_model"] = short_path(table[run]["base_model"])
     return table
 

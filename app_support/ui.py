@@ -35,9 +35,14 @@ def _load_model(path: str):
     return load_merged(path)
 
 
-def page_setup(title: str, icon: str) -> Path:
+# A local PNG, not an emoji: Streamlit 1.17 turns an emoji favicon into an image URL on a CDN, which an
+# offline server's visitors cannot reach (and every page view asked for it).
+ICON = Path(__file__).resolve().parents[1] / "assets" / "icon.png"
+
+
+def page_setup(title: str) -> Path:
     """set_page_config (must be the first st call of a page) and the model dir from the command line."""
-    st.set_page_config(page_title=title, page_icon=icon, layout="wide")
+    st.set_page_config(page_title=title, page_icon=str(ICON) if ICON.is_file() else None, layout="wide")
     return model_dir_from_argv(sys.argv)
 
 

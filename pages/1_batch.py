@@ -19,7 +19,7 @@ from model.label import OUTPUT_COLUMNS, TEXT_COLUMN_NAMES, LabelError
 SAMPLE_CSV = Path(__file__).resolve().parents[1] / "assets" / "sample_comments.csv"
 CHOOSE = "— 请选择文本列 choose the text column —"
 
-model_dir = page_setup("批量标注 Batch labelling", "📄")
+model_dir = page_setup("批量标注 Batch labelling")
 lm = require_model(model_dir)
 
 st.title("批量标注 Batch labelling")

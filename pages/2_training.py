@@ -11,7 +11,7 @@ from app_support.runs import config_table, discover_runs, read_config, read_log,
 from app_support.settings import user_message
 from app_support.ui import get_model, page_setup, show_demo_banner, sidebar
 
-model_dir = page_setup("训练曲线 Training curves", "📈")
+model_dir = page_setup("训练曲线 Training curves")
 # This page works without a model: the sidebar just says there is none.
 lm, error = get_model(model_dir)
 sidebar(model_dir, lm, error)

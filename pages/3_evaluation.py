@@ -21,7 +21,7 @@ from finetune.data import TRAIN_FILE, DataError, read_jsonl
 
 DEV, UPLOAD = "验证集 dev file", "上传 jsonl upload a jsonl"
 
-model_dir = page_setup("效果评估 Evaluation", "📊")
+model_dir = page_setup("效果评估 Evaluation")
 lm = require_model(model_dir)
 
 st.title("效果评估 Evaluation")

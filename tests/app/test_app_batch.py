@@ -93,7 +93,8 @@ def test_preview_and_failures():
     result = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None)
     preview, failures = preview_and_failures(result, limit=2)
     assert list(preview.index) == [1, 2]
-    assert list(preview.columns) == ["comment", "category", "triples", "error", "warnings"]
+    # The labeller's columns first, so they are on screen whatever the input's width.
+    assert list(preview.columns) == ["category", "triples", "error", "warnings", "comment"]
     assert failures.to_dict("records") == [{"row": 2, "text": "", "error": "empty text"}]
     assert preview.loc[1, "triples"] == "(好, 作者, 好)"  # compact on screen, JSON in the download
     assert json.loads(read_labelled(result.csv_bytes)[1][2])[0]["subject"] == "好"
@@ -109,7 +110,7 @@ def test_existing_output_column_names_are_not_overwritten():
     rows = [["comment", "category"], ["好", "old"]]
     result = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None)
     preview, failures = preview_and_failures(result)
-    assert list(preview.columns) == ["comment", "category", "category_2", "triples", "error", "warnings"]
+    assert list(preview.columns) == ["category_2", "triples", "error", "warnings", "comment", "category"]
     assert preview.iloc[0]["category"] == "old" and preview.iloc[0]["category_2"] == "水果"
     assert len(failures) == 0
 

@@ -128,3 +128,14 @@ def test_confusion_figure(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["水果", "酒店", "(none)"]
     if cjk_font_name():
         assert _render(fig, tmp_path) == []
+
+
+def test_lora_settings_are_not_shown_for_full_fine_tuning_runs():
+    from app_support.runs import config_table
+
+    full = {"method": "full", "lora_r": 8, "epochs": 12}
+    lora = {"method": "lora", "lora_r": 16, "epochs": 3}
+    only_full = config_table({"demo": full})
+    assert "lora_r" not in only_full["demo"] and only_full["demo"]["epochs"] == "12"
+    mixed = config_table({"demo": full, "gpu": lora})
+    assert mixed["demo"]["lora_r"] == "" and mixed["gpu"]["lora_r"] == "16"

@@ -272,8 +272,14 @@ def test_saving_into_a_read_only_model_folder_is_a_message(page, merged_model, d
 
 def test_two_sessions_opening_a_fresh_server_at_once_both_get_the_model(browser, merged_model, tmp_path):
     """The first two visitors of a just-started server: both pages must load the one model (the soak of
-    #11 found the second failing with "cannot import name 'PretrainedConfig'" from a concurrent import)."""
-    server = start_server(merged_model, tmp_path)
+    #11 found the second failing with "cannot import name 'PretrainedConfig'" from a concurrent import).
+    The model is marked as finetune.demo marks its toy, so both pages must also say it is a demo model."""
+    from finetune.demo import mark_demo
+
+    model = tmp_path / "demo" / "merged"
+    shutil.copytree(merged_model, model)
+    mark_demo(model)
+    server = start_server(model, tmp_path)
     contexts = [browser.new_context(viewport=VIEWPORT) for _ in range(2)]
     try:
         pages = [context.new_page() for context in contexts]
@@ -281,7 +287,14 @@ def test_two_sessions_opening_a_fresh_server_at_once_both_get_the_model(browser,
             page.goto(f"{server.url}/batch", wait_until="commit")
         for page in pages:
             page.wait_for_selector(UPLOAD, state="attached", timeout=120_000)
-            assert "没有可用的模型" not in page.inner_text("body")
+            body = page.inner_text("body")
+            assert "没有可用的模型" not in body
+            assert "演示模型 Demo model" in body and "-parameter toy" in body
+            # The favicon is served by this server, not fetched from an emoji CDN (offline servers).
+            page.wait_for_function("() => [...document.querySelectorAll('link[rel~=icon]')].some("
+                                   "l => l.href.includes('/media/'))", timeout=30_000)
+            hrefs = page.eval_on_selector_all("link[rel~=icon]", "links => links.map(l => l.href)")
+            assert hrefs and all(href.startswith(server.url) for href in hrefs), hrefs
     finally:
         for context in contexts:
             context.close()
