@@ -241,6 +241,8 @@ def readonly_copy(model_dir: Path, folder: Path) -> Path:
     shutil.copytree(model_dir, copy)
     if mounted:
         subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    elif os.geteuid() == 0:  # root writes through permission bits: only a read-only mount refuses it
+        pytest.skip("a read-only folder for root needs a tmpfs mount, which this machine refused")
     else:
         copy.chmod(0o555)
     return copy
