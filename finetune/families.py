@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IGNORE_INDEX = -100
+# Where a model folder keeps its weights (sharded or not); checked before transformers would look elsewhere.
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ The Trainer writes its own checkpoints; resume skips any that a kill left incomp
 from __future__ import annotations
 
 import contextlib
+import fcntl  # POSIX only (Linux, macOS): the machines this tool trains and serves on
 import json
 import os
 import secrets
@@ -27,11 +28,6 @@ import socket
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-try:  # POSIX; elsewhere the lock falls back to exclusive creation of the lock file
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
 
 # Side files the project puts beside an output file.
 SIDE_SUFFIXES = (".partial", ".progress.json", ".lock")
@@ -223,16 +219,6 @@ def lock_path(target: Path | str) -> Path:
     return target.with_name(target.name + ".lock")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class OutputLock:
     """Exclusive lock of one output for one run: `with OutputLock(path, "model.label"): ...`.
 
@@ -262,9 +248,6 @@ class OutputLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
-            if fcntl is None:  # pragma: no cover - exclusive create; a dead owner's file is taken over
-                self._acquire_by_create()
-                return
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
@@ -289,21 +272,6 @@ class OutputLock:
             os.write(fd, json.dumps(info).encode())
             return
         raise self._busy()
-
-    def _acquire_by_create(self) -> None:  # pragma: no cover - Windows
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            try:
-                pid = int(json.loads(self.path.read_text(encoding="utf-8"))["pid"])
-            except (OSError, ValueError, KeyError, TypeError):
-                raise self._busy() from None
-            if _pid_alive(pid):
-                raise self._busy() from None
-            self.path.unlink(missing_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self._fd = fd
-        os.write(fd, json.dumps({"pid": os.getpid(), "started": time.time(), "command": self.command}).encode())
 
     def release(self) -> None:
         if self._fd is None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from finetune import data as D
 from finetune.config import parse_config
-from finetune.families import Family, family_of_dir, load_model, load_tokenizer
+from finetune.families import WEIGHT_PATTERNS, Family, family_of_dir, load_model, load_tokenizer
 from finetune.safe_io import (
     OLD_MARK,
     TMP_MARK,
@@ -117,7 +117,6 @@ class TrainConfig:
             raise SystemExit("invalid training config:\n  - " + "\n  - ".join(problems))
 
 
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "ice_text.model", "*.tiktoken")
 
 
@@ -126,7 +125,7 @@ def base_model_problems(base: Path) -> list[str]:
     if not (base / "config.json").is_file():
         return [f"--base-model {base}: no config.json there; give a local model directory"]
     problems = []
-    if not any(any(base.glob(pattern)) for pattern in WEIGHT_FILES):
+    if not any(any(base.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         problems.append(f"--base-model {base}: config.json but no weights (*.safetensors or pytorch_model*.bin); "
                         "copy the whole model folder")
     if not any(any(base.glob(pattern)) for pattern in TOKENIZER_FILES):
@@ -473,11 +472,13 @@ def train(cfg: TrainConfig) -> Path:
     checkpoint_dir = out / "checkpoints"
     resume_from = last_checkpoint(checkpoint_dir, log=lambda m: print(m, flush=True) if is_main else None) \
         if cfg.resume else None
+    # checkpoint_problem has read this file, so it parses.
+    resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"] if resume_from else 0
     allow_numpy_rng_state_in_checkpoints()
     log_path = out / "train_log.jsonl"
     if is_main:
         if resume_from:
-            step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
+            step = resumed_step
             print(f"resuming from {resume_from} (step {step})", flush=True)
             trim_log(log_path, step)
         else:
@@ -542,7 +543,7 @@ def train(cfg: TrainConfig) -> Path:
         callbacks=[make_log_callback(log_path), stop_on_non_finite_eval()] + ([sample_decode] if sample_decode else []),
     )
     if resume_from:
-        trainer.resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"]
+        trainer.resumed_step = resumed_step
         trainer.loss_sum_before = loss_sum_at(resume_from)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     mean_loss = trainer.true_train_loss if trainer.true_train_loss is not None else result.training_loss

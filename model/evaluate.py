@@ -114,8 +114,10 @@ def evaluate(
         raise ValueError(f"prompts must be one of {PROMPT_MODES}, got {prompts!r}")
     cls_rows = [ex for ex in examples if ex.task == CLASSIFICATION]
     ie_rows = [ex for ex in examples if ex.task == EXTRACTION]
+    # Comments rarely hold a relation: the extraction task is asked of every classification text too.
+    asks_extraction = bool(lm.schema.get("predicates")) and bool(cls_rows)
     # Progress counts every answer asked: each row's own task, plus extraction of each comment.
-    total = len(examples) + (len(cls_rows) if lm.schema.get("predicates") else 0)
+    total = len(examples) + (len(cls_rows) if asks_extraction else 0)
 
     def progress_from(start: int):
         def at(extra: int):
@@ -127,9 +129,8 @@ def evaluate(
     ie_preds = _predict_task(lm, ie_rows, EXTRACTION, batch_size, constrained, prompts,
                              progress_from(len(cls_rows)))
     seconds = time.time() - started
-    # Comments rarely hold a relation: ask the extraction task of every classification text too.
-    asks_extraction = bool(lm.schema.get("predicates")) and bool(cls_rows)
-    comment_preds = _predict_task(lm, cls_rows, EXTRACTION, batch_size, constrained, prompts,
+    # Always the serving phrasing: a comment's own phrasing asks for a category, not for triples.
+    comment_preds = _predict_task(lm, cls_rows, EXTRACTION, batch_size, constrained, "canonical",
                                   progress_from(len(examples))) if asks_extraction else []
 
     def strict_category(p):

@@ -13,10 +13,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from finetune.families import Family, detect_family, load_model, load_tokenizer, read_config  # noqa: E402
+from finetune.families import (  # noqa: E402
+    WEIGHT_PATTERNS,
+    Family,
+    detect_family,
+    load_model,
+    load_tokenizer,
+    read_config,
+)
+from finetune.safe_io import TMP_MARK  # noqa: E402
 from model.allocator import keep_freed_memory  # noqa: E402
 
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 LOAD_COUNT = 0  # how many models this process loaded (the app must load one once)
 
 
@@ -58,7 +65,7 @@ def check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"no model at {path}; {hint}")
     if not path.is_dir():
         raise ModelLoadError(f"{path} is a file, expected a merged model directory")
-    if "_tmp_" in path.name or ".tmp-" in path.name:
+    if TMP_MARK in path.name or ".tmp-" in path.name:
         raise ModelLoadError(f"{path} is a temporary directory of an unfinished merge; rerun finetune.merge")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a model directory; {hint}")

@@ -133,7 +133,7 @@ def double_merged(tmp_path_factory, double_base, small_data):
 # fixture says so and the test does not run.
 
 
-def _mount_tmpfs(folder: Path, options: str) -> bool:
+def mount_tmpfs(folder: Path, options: str) -> bool:
     import subprocess
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ def _mount_tmpfs(folder: Path, options: str) -> bool:
     return done.returncode == 0
 
 
-def _unmount(folder: Path) -> None:
+def unmount(folder: Path) -> None:
     import subprocess
 
     subprocess.run(["umount", "-l", str(folder)], capture_output=True)
@@ -153,9 +153,9 @@ def _unmount(folder: Path) -> None:
 def readonly_dir(tmp_path):
     """A folder no file can be created in (EROFS or EACCES)."""
     folder = tmp_path / "readonly"
-    if _mount_tmpfs(folder, "ro,size=1m"):
+    if mount_tmpfs(folder, "ro,size=1m"):
         yield folder
-        _unmount(folder)
+        unmount(folder)
         return
     if os.geteuid() == 0:  # root writes through permission bits: only a read-only mount refuses it
         pytest.skip("a read-only folder for root needs a tmpfs mount, which this machine refused")
@@ -168,7 +168,7 @@ def readonly_dir(tmp_path):
 def full_dir(tmp_path):
     """A folder on a full filesystem: creating an empty file works, writing a byte fails with ENOSPC."""
     folder = tmp_path / "full"
-    if not _mount_tmpfs(folder, "size=256k"):
+    if not mount_tmpfs(folder, "size=256k"):
         pytest.skip("a full filesystem needs root to mount a small tmpfs (CI runs as root)")
     try:
         with (folder / "filler").open("wb") as handle:
@@ -178,4 +178,4 @@ def full_dir(tmp_path):
     except OSError:
         pass
     yield folder
-    _unmount(folder)
+    unmount(folder)

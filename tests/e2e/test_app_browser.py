@@ -234,9 +234,9 @@ def readonly_copy(model_dir: Path, folder: Path) -> Path:
     (CI), else a folder without write permission."""
     import subprocess
 
-    folder.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    from tests.conftest import mount_tmpfs
+
+    mounted = mount_tmpfs(folder, "size=64m")
     copy = folder / "merged"
     shutil.copytree(model_dir, copy)
     if mounted:
@@ -250,7 +250,7 @@ def readonly_copy(model_dir: Path, folder: Path) -> Path:
 
 def test_saving_into_a_read_only_model_folder_is_a_message(page, merged_model, data_dir, tmp_path):
     """With --allow-writes the save button appears; a read-only model folder gives one line, no traceback."""
-    import subprocess
+    from tests.conftest import unmount
 
     model = readonly_copy(merged_model, tmp_path / "ro")
     server = start_server(model, tmp_path, app_args=("--allow-writes",))
@@ -269,7 +269,7 @@ def test_saving_into_a_read_only_model_folder_is_a_message(page, merged_model, d
         assert not (model / "metrics.json").exists()
     finally:
         stop_server(server)
-        subprocess.run(["umount", "-l", str(tmp_path / "ro")], capture_output=True)
+        unmount(tmp_path / "ro")
 
 
 def test_two_sessions_opening_a_fresh_server_at_once_both_get_the_model(browser, merged_model, tmp_path):
