@@ -12,7 +12,8 @@ import streamlit as st
 from app_support.examples import EXAMPLES
 from app_support.highlight import highlight_html, legend_html
 from app_support.settings import user_message
-from app_support.ui import page_setup, require_model
+from app_support.ui import confidence_slider, page_setup, require_model
+from model.label import kept_triples
 
 model_dir = page_setup("单条标注 Label a comment")
 lm = require_model(model_dir)
@@ -33,6 +34,8 @@ for column, (name, text) in zip(columns, EXAMPLES, strict=True):
     column.button(name, key=f"example-{name}", help=text, on_click=_fill, args=(text,))
 
 text = st.text_area("评论 Comment", key="comment", height=120, placeholder="例如：这次买的橙子很新鲜，还会回购")
+# Applied to the answer already shown as well: moving it reruns the page, not the model.
+min_confidence = confidence_slider("comment_min_confidence")
 if st.button("标注 Label", type="primary"):
     from model.predict import predict
 
@@ -50,21 +53,30 @@ if prediction is not None:
     if prediction.error:
         st.warning(f"无法标注 cannot label: {prediction.error}")
     else:
+        triples = kept_triples(prediction.triples, min_confidence)
+        hidden = len(prediction.triples) - len(triples)
         left, right = st.columns([1, 3])
         left.metric("类别 Category", prediction.category or "(none)")
+        if prediction.category_confidence is not None:
+            left.caption(f"置信度 confidence: {prediction.category_confidence:.3f}")
         left.caption(f"用时 time taken: {prediction.seconds:.2f} s")
         with right:
             st.markdown("**三元组 Triples**")
-            if prediction.triples:
-                table = pd.DataFrame([t.to_dict() for t in prediction.triples],
-                                     index=range(1, len(prediction.triples) + 1))
-                st.table(table[["subject", "predicate", "object", "subject_type", "object_type"]])
+            if triples:
+                table = pd.DataFrame([t.to_output() for t in triples], index=range(1, len(triples) + 1))
+                shown = [c for c in ("subject", "predicate", "object", "confidence", "subject_type", "object_type")
+                         if c in table.columns]
+                st.table(table[shown].style.format({"confidence": "{:.3f}"}) if "confidence" in shown
+                         else table[shown])
             else:
                 st.info("没有抽取到三元组 no triples found")
+            if hidden:
+                st.caption(f"{hidden} 个三元组低于置信度 {min_confidence:.2f}，已隐藏 "
+                           f"{hidden} triple(s) below confidence {min_confidence:.2f} hidden")
         st.markdown("**原文标注 Spans in the text**  " + legend_html(), unsafe_allow_html=True)
         st.markdown(
             '<div class="highlighted" style="line-height:1.9;padding:0.6em 0.8em;border:1px solid #ddd;'
-            f'border-radius:6px;margin-bottom:1em">{highlight_html(prediction.text, prediction.triples)}</div>',
+            f'border-radius:6px;margin-bottom:1em">{highlight_html(prediction.text, triples)}</div>',
             unsafe_allow_html=True,
         )
         if prediction.warnings:

@@ -129,7 +129,8 @@ class BatchResult:
     encoding: str
     column: str
     seconds: float
-    output_columns: list[str]  # the header of csv_bytes: the input's columns + category, triples, error, warnings
+    output_columns: list[str]  # the header of csv_bytes: the input's columns + model.label.OUTPUT_COLUMNS
+    min_confidence: float = 0.0  # triples below it were dropped
 
 
 def label_upload(
@@ -139,13 +140,14 @@ def label_upload(
     model_dir: str,
     predict_batch: Callable[[list[str], Callable[[int, int], None]], Sequence],
     on_progress: Callable[[int, int], None],
+    min_confidence: float = 0.0,
 ) -> BatchResult:
     """Label an upload with model.label.label_csv; predict_batch(texts, on_progress) -> predictions."""
     with opened_upload(name, data) as upload:
         tracker = RowProgress(upload.estimated_rows, on_progress)
         output = upload.source.path.with_name("labelled.csv")
         cfg = LabelConfig(model=model_dir, input=str(upload.source.path), output=str(output), column=column,
-                          chunk_rows=CHUNK_ROWS)
+                          chunk_rows=CHUNK_ROWS, min_confidence=min_confidence)
         result = label_csv(
             cfg,
             lambda texts: predict_batch(list(texts), tracker.inside_chunk(len(texts))),
@@ -155,7 +157,7 @@ def label_upload(
             show_bar=False,
         )
         return BatchResult(output.read_bytes(), result.rows, result.error_rows, result.encoding, result.column,
-                           result.seconds, output_header(upload.header))
+                           result.seconds, output_header(upload.header), min_confidence)
 
 
 def read_labelled(csv_bytes: bytes) -> list[list[str]]:
@@ -172,7 +174,9 @@ def compact_triples(cell: str) -> str:
     if not isinstance(triples, list):
         return cell
     return "; ".join(
-        f"({t.get('subject')}, {t.get('predicate')}, {t.get('object')})" for t in triples if isinstance(t, dict)
+        f"({t.get('subject')}, {t.get('predicate')}, {t.get('object')})"
+        + (f" {t['confidence']:.2f}" if isinstance(t.get("confidence"), (int, float)) else "")
+        for t in triples if isinstance(t, dict)
     )
 
 
@@ -186,10 +190,12 @@ def preview_and_failures(result: BatchResult, limit: int = PREVIEW_ROWS):
     rows = read_labelled(result.csv_bytes)
     header, body = rows[0], rows[1:]
     # Columns by position: model.label renames its columns (error_2 ...) if the input already has them.
-    triples_at, error_at = len(header) - 3, len(header) - 2
+    # (category, category_confidence, triples, error, warnings) are the last len(OUTPUT_COLUMNS) columns.
+    results_at = len(header) - len(OUTPUT_COLUMNS)
+    triples_at = results_at + OUTPUT_COLUMNS.index("triples")
+    error_at = results_at + OUTPUT_COLUMNS.index("error")
     text_at = result.output_columns.index(result.column) if result.column in result.output_columns else 0
     # The labeller's columns first: after a wide input they were off-screen at 1280 px.
-    results_at = len(header) - len(OUTPUT_COLUMNS)
 
     def shown_row(row):
         cells = [*row[:triples_at], compact_triples(row[triples_at]), *row[triples_at + 1 :]]

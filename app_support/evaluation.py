@@ -65,6 +65,19 @@ def per_label_table(metrics: dict):
     return pd.DataFrame(rows, columns=["label", "precision", "recall", "f1", "support"])
 
 
+THRESHOLD_COLUMNS = ("threshold", "cls_coverage", "cls_precision", "cls_recall", "triple_precision",
+                     "triple_recall", "triple_f1", "triples_kept", "hallucination_rate")
+
+
+def threshold_table(metrics: dict):
+    """DataFrame: what keeping only answers with confidence >= threshold gives (model.evaluate), one row each."""
+    import pandas as pd
+
+    rows = [{c: row.get(c) if c in ("threshold", "triples_kept") else _score(row.get(c)) for c in THRESHOLD_COLUMNS}
+            for row in metrics.get("confidence_thresholds") or []]
+    return pd.DataFrame(rows, columns=list(THRESHOLD_COLUMNS))
+
+
 def per_predicate_table(metrics: dict):
     """DataFrame: predicate, precision, recall, f1, support (gold triples), sorted by support."""
     import pandas as pd

@@ -43,7 +43,17 @@ ICON = Path(__file__).resolve().parents[1] / "assets" / "icon.png"
 def page_setup(title: str) -> Path:
     """set_page_config (must be the first st call of a page) and the model dir from the command line."""
     st.set_page_config(page_title=title, page_icon=str(ICON) if ICON.is_file() else None, layout="wide")
+    st.markdown(HOME_NAV_CSS, unsafe_allow_html=True)
     return model_dir_from_argv(sys.argv)
+
+
+# Streamlit 1.17 names the main page after its script ("app"); the other pages are named bilingually by
+# their file names (pages/1_批量标注_Batch.py). Renaming app.py would change the command every user runs, so
+# the home entry of the sidebar is relabelled in CSS; its URL stays "/".
+HOME_NAV_CSS = """<style>
+[data-testid="stSidebarNav"] li:first-child a span { font-size: 0; }
+[data-testid="stSidebarNav"] li:first-child a span::after { content: "单条标注 Comment"; font-size: 1rem; }
+</style>"""
 
 
 # Streamlit 1.17's singleton lets two sessions run the loader at once on a fresh server, and importing
@@ -115,3 +125,12 @@ def require_model(model_dir: Path):
         show_no_model(model_dir, error or "unknown error")
         st.stop()
     return lm
+
+
+def confidence_slider(key: str) -> float:
+    """The minimum confidence a triple needs to be shown or written (0: keep every triple)."""
+    return st.slider(
+        "三元组最低置信度 minimum triple confidence", min_value=0.0, max_value=1.0, value=0.0, step=0.05, key=key,
+        help="置信度 = 模型在约束下给出该三元组的概率 (model.confidence)。0 保留全部。"
+             " The model's own probability of the triple under the constraint; 0 keeps them all.",
+    )

@@ -39,10 +39,12 @@ How it works
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from model.confidence import constrained_logprobs
 from model.grammar import INF, Automaton, Constraint, State
 from model.jump_forward import JumpForwardDecoder
 from model.vocab import IDS, vocab_for
@@ -74,6 +76,10 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.max_new_tokens = max_new_tokens
         self.end_token_id = end_token_id
         self.consumed = 0
+        # Confidence: per row, (answer index, log-probability under the constraint) of every token chosen
+        # among several allowed ones; a forced token (one allowed) has probability 1 and is not listed.
+        self.choices: list[list[tuple[int, float]]] = [[] for _ in constraints]
+        self.pending_logprobs: list[dict[int, float]] = [{} for _ in constraints]
         self.step_seconds: list[float] = []  # wall time of each call, for measurements
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -103,6 +109,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         values = scores[index]
         if torch.isneginf(values).any():
             values = _revive(values, counts)
+        self._note_logprobs([row for row, state in enumerate(self.states) if state is not None], cols, values, counts)
         masked = torch.full_like(scores, -INF)
         masked[index] = values
         masked[free_rows] = scores[free_rows]
@@ -122,6 +129,10 @@ class GrammarLogitsProcessor(LogitsProcessor):
                 if token == self.end_token_id:
                     self.states[row] = None
                     continue
+                logprob = self.pending_logprobs[row].get(token)
+                if logprob is not None:
+                    self.choices[row].append((self.counts[row], logprob))
+                self.pending_logprobs[row] = {}
                 self.counts[row] += 1
                 nxt = self.pending[row].get(token)
                 if nxt is None:  # not chosen through this processor (another one overrode it): spell it out
@@ -129,6 +140,19 @@ class GrammarLogitsProcessor(LogitsProcessor):
                 self.states[row] = nxt if nxt is not None else None
                 self.pending[row] = {}
         self.consumed = generated
+
+    def _note_logprobs(self, rows: list[int], cols: list[int], values: torch.Tensor, counts: list[int]) -> None:
+        """Remember, for rows with a real choice, each allowed token's log-probability among the allowed."""
+        start = 0
+        for row, n in zip(rows, counts, strict=True):
+            if n > 1:
+                logprobs = constrained_logprobs(values[start : start + n].float().tolist())
+                self.pending_logprobs[row] = dict(zip(cols[start : start + n], logprobs, strict=True))
+            start += n
+
+    def finish(self, sequences: torch.Tensor) -> None:
+        """Fold the last chosen tokens (generate() returns without a further call) into states and choices."""
+        self._advance(sequences, sequences.shape[1] - self.prompt_length)
 
     def _allowed(self, row: int, state: State, remaining: int) -> dict[int, State]:
         automaton = self.automata[row]
@@ -233,7 +257,21 @@ def jump_forward_unsupported(model) -> str | None:
     return None
 
 
-def constrained_generate(
+@dataclass
+class Generated:
+    """One row's answer ids (no prompt, no end token) and its choices: (answer index, log-probability under
+    the constraint) for every token picked among several allowed ones. Forced tokens have probability 1."""
+
+    ids: list[int]
+    choices: list[tuple[int, float]] = field(default_factory=list)
+
+
+def constrained_generate(*args, **kwargs) -> list[list[int]]:
+    """`constrained_generate_scored` (same arguments), the answer ids only."""
+    return [g.ids for g in constrained_generate_scored(*args, **kwargs)]
+
+
+def constrained_generate_scored(
     model,
     tokenizer,
     input_ids: torch.Tensor,
@@ -245,8 +283,9 @@ def constrained_generate(
     jump_forward: bool | None = None,
     prefix_cache: bool = True,
     **generate_kwargs,
-) -> list[list[int]]:
-    """Greedy generation of a LEFT-padded batch, one constraint per row; answer ids without prompt or end token.
+) -> list[Generated]:
+    """Greedy generation of a LEFT-padded batch, one constraint per row; per row its answer ids (without prompt or end
+    token) and its choices with their log-probabilities (`Generated`, model.confidence).
 
     jump_forward: None (default) = the jump-forward loop (`JumpForwardDecoder`) when the model supports it
     (`jump_forward_unsupported`) and no generate() options are given, else HF generate() with the
@@ -265,11 +304,19 @@ def constrained_generate(
         if reason is not None:
             raise ValueError(f"jump-forward decoding is not available: {reason}")
         decoder = JumpForwardDecoder(model, processor, max_new_tokens, pad_token_id, prefix_cache=prefix_cache)
-        return decoder.run(input_ids, attention_mask)
-    return _greedy_generate(
-        model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
-        logits_processor=LogitsProcessorList([processor]), **generate_kwargs,
-    )
+        answers = decoder.run(input_ids, attention_mask)
+    else:
+        sequences = _generate(
+            model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
+            logits_processor=LogitsProcessorList([processor]), **generate_kwargs,
+        )
+        processor.finish(sequences)
+        answers = _answers(sequences, input_ids.shape[1], end_token_id, pad_token_id)
+    # A choice past the cut (an end or pad token chosen among others) is not part of the answer.
+    return [
+        Generated(ids, [(i, lp) for i, lp in choices if i < len(ids)])
+        for ids, choices in zip(answers, processor.choices, strict=True)
+    ]
 
 
 def unconstrained_generate(
@@ -289,6 +336,20 @@ def unconstrained_generate(
 
 def _greedy_generate(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id, **generate_kwargs):
     """HF generate, greedy with the KV cache; the answers without prompt, padding or end token."""
+    sequences = _generate(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
+                          **generate_kwargs)
+    return _answers(sequences, input_ids.shape[1], end_token_id, pad_token_id)
+
+
+def generate_with(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id, processors,
+                  **generate_kwargs) -> torch.Tensor:
+    """Greedy HF generate() with the given logits processors: the whole sequences, prompts included."""
+    return _generate(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
+                     logits_processor=LogitsProcessorList(processors), **generate_kwargs)
+
+
+def _generate(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id, **generate_kwargs):
+    """HF generate, greedy with the KV cache: the whole sequences, prompts included."""
     with torch.no_grad():
         sequences = model.generate(
             input_ids=input_ids,
@@ -301,4 +362,4 @@ def _greedy_generate(model, input_ids, attention_mask, max_new_tokens, end_token
             pad_token_id=pad_token_id,
             **generate_kwargs,
         )
-    return _answers(sequences, input_ids.shape[1], end_token_id, pad_token_id)
+    return sequences

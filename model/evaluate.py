@@ -29,8 +29,9 @@ from finetune.config import parse_config
 from finetune.data import CLASSIFICATION, EXTRACTION, TRAIN_FILE, DataError, Example, read_jsonl
 from finetune.safe_io import OutputError, OutputLock, atomic_write, check_writable, refuse_overlap
 from model.baseline import baseline_labels
+from model.confidence import THRESHOLDS
 from model.load import LoadedModel, ModelLoadError, load_merged
-from model.metrics import classification_metrics, triple_metrics
+from model.metrics import at_thresholds, classification_metrics, triple_metrics
 from model.parsing import Triple, parse_triples
 from model.predict import predict
 
@@ -154,10 +155,13 @@ def evaluate(
             gold, got = ex.answer[0], pred.category
             correct = well_formed and gold == got
         else:  # the same set of (subject, predicate, object), as the triple metrics count it
-            gold, got = [t.to_dict() for t in gold_triples(ex)], [t.to_dict() for t in pred.triples]
+            gold, got = [t.to_dict() for t in gold_triples(ex)], [t.to_output() for t in pred.triples]
             correct = well_formed and {t.key() for t in gold_triples(ex)} == {t.key() for t in pred.triples}
-        rows.append({"line": ex.line, "task": ex.task, "text": ex.text, "gold": gold, "pred": got, "correct": correct,
-                     "well_formed": well_formed, "raw": pred.raw.get(ex.task, ""), "warnings": pred.warnings})
+        row = {"line": ex.line, "task": ex.task, "text": ex.text, "gold": gold, "pred": got, "correct": correct,
+               "well_formed": well_formed, "raw": pred.raw.get(ex.task, ""), "warnings": pred.warnings}
+        if ex.task == CLASSIFICATION and pred.category_confidence is not None:
+            row["confidence"] = round(pred.category_confidence, 3)
+        rows.append(row)
     missing = missing_gold_spans(ie_rows)
     baseline = baseline_labels(baseline_train or [], [ex.text for ex in cls_rows]) if baseline_train else None
     base = classification_metrics(gold_labels, baseline, labels) if baseline else {}
@@ -194,6 +198,12 @@ def evaluate(
         "per_predicate": ie["per_predicate"],
         "triple_counts": {k: ie[k] for k in ("tp", "n_pred", "n_gold")},
         "gold_spans_missing": missing,
+        # What a --min-confidence / the app's slider at each threshold would keep (model.confidence).
+        "confidence_thresholds": at_thresholds(
+            THRESHOLDS if constrained else (0.0,), gold_labels,
+            [(strict_category(p), p.category_confidence) for p in cls_preds],
+            gold_sets, [strict_triples(p) for p in ie_preds], [p.triples for p in comment_preds],
+        ),
         "predictions": rows,
     }
 
@@ -210,7 +220,14 @@ def format_table(metrics: dict) -> str:
         return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
     width = max(map(len, FLAT_KEYS))
-    return "\n".join(f"{key:<{width}}  {fmt(metrics.get(key))}" for key in FLAT_KEYS)
+    lines = [f"{key:<{width}}  {fmt(metrics.get(key))}" for key in FLAT_KEYS]
+    thresholds = metrics.get("confidence_thresholds") or []
+    if len(thresholds) > 1:
+        columns = ("threshold", "cls_coverage", "cls_precision", "triple_precision", "triple_recall",
+                   "triples_kept", "hallucination_rate")
+        lines += ["", "at confidence >= threshold:", "  ".join(f"{c:>{len(c)}}" for c in columns)]
+        lines += ["  ".join(f"{fmt(row.get(c)):>{len(c)}}" for c in columns) for row in thresholds]
+    return "\n".join(lines)
 
 
 def predictions_path(output: Path) -> Path:

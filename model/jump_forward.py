@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.confidence import constrained_logprobs
 from model.grammar import CHOICE, State
 
 if TYPE_CHECKING:
     from model.decoding import GrammarLogitsProcessor
+
 
 FEED_POLICIES = ("auto", "all", "median")
 
@@ -238,7 +240,10 @@ class JumpForwardDecoder:
             scores = values[start : start + len(ids)]
             start += len(ids)
             # max() keeps the first of equal scores (the lowest id, as argmax does), also when all are -inf.
-            token = ids[max(range(len(ids)), key=scores.__getitem__)]
+            best = max(range(len(ids)), key=scores.__getitem__)
+            token = ids[best]
+            if len(ids) > 1:  # the confidence record GrammarLogitsProcessor keeps on the generate() path
+                p.choices[row].append((len(self.out[row]), constrained_logprobs(scores)[best]))
             self.out[row].append(token)
             p.counts[row] += 1
             p.states[row] = p.pending[row][token]

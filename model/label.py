@@ -43,7 +43,7 @@ from model.prompts import TASKS, is_blank
 
 # Header names (lower case) that hold the text to label, most specific first.
 TEXT_COLUMN_NAMES = ("comment", "text", "review", "content", "sentence", "评论", "内容", "文本", "句子")
-OUTPUT_COLUMNS = ("category", "triples", "error", "warnings")
+OUTPUT_COLUMNS = ("category", "category_confidence", "triples", "error", "warnings")
 EMPTY_TEXT = "empty text"  # the same message model.predict gives, so both paths read alike
 # Cells starting with these are formulas (or become one) in Excel/LibreOffice: OWASP "CSV injection".
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -51,15 +51,17 @@ _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 GB_ENCODINGS = {"gb2312", "gbk", "gb18030", "hz"}
 DETECT_SAMPLE_BYTES = 1 << 20  # charset-normalizer sees this much; the whole file is then decoded strictly
 READ_BLOCK_BYTES = 1 << 20
-PROGRESS_FORMAT = 1
+PROGRESS_FORMAT = 2  # 2: the category_confidence column and --min-confidence
 # A long review is far below this; the csv module's default (128 KiB) would crash on a pasted article.
 csv.field_size_limit(64 << 20)
 
 DESCRIPTION = """Label a CSV of short Chinese comments with a merged LoRA model.
 
-Appends the columns category, triples (a JSON list of {predicate, object_type, subject_type, object,
-subject}), error (empty when the row is fine; "empty text" for an empty comment) and warnings (e.g. a
-text cut to the model's length limit). All original columns and the row order are kept.
+Appends the columns category, category_confidence, triples (a JSON list of {predicate, object_type,
+subject_type, object, subject, confidence}), error (empty when the row is fine; "empty text" for an empty
+comment) and warnings (e.g. a text cut to the model's length limit). All original columns and the row
+order are kept. Confidence (0-1) is the model's own probability of its answer under the constraint
+(model.confidence); --min-confidence X drops the triples below X (the category is always given).
 
 Input: UTF-8, UTF-8 with BOM or GBK/GB18030, detected from the bytes. The text column is the one named
 comment/text/review/content/sentence/评论/内容/文本/句子 (any case), or --column.
@@ -83,6 +85,7 @@ class PredictionLike(Protocol):
     triples: Sequence
     warnings: list[str]
     error: str | None
+    # category_confidence (float or None) and each triple's confidence are read when present.
 
 
 PredictFn = Callable[[list[str]], Sequence[PredictionLike]]
@@ -108,9 +111,14 @@ class LabelConfig:
                        "A task not run leaves its column empty"),
     )
     device: str | None = field(default=None, metadata=_help("cpu, cuda, cuda:N (default: cuda if available)"))
+    min_confidence: float = field(
+        default=0.0, metadata=_help("drop triples whose confidence is below this (0-1; default 0: keep all)")
+    )
 
     def __post_init__(self) -> None:
         problems = []
+        if not self.min_confidence >= 0:  # also NaN
+            problems.append(f"--min-confidence must be a number >= 0, got {self.min_confidence}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.chunk_rows < 1:
@@ -158,6 +166,7 @@ class LabelResult:
 @dataclass(frozen=True)
 class RowLabel:
     category: str = ""
+    category_confidence: str = ""
     triples: str = ""
     error: str = ""
     warnings: str = ""
@@ -305,31 +314,56 @@ def fit_row(record: list[str], width: int) -> tuple[list[str], str | None]:
 # ---------------------------------------------------------------- labelling
 
 
-def _row_label(pred: PredictionLike, tasks: Sequence[str]) -> RowLabel:
+def _confidence_cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def kept_triples(triples: Sequence, min_confidence: float) -> list:
+    """The triples at or above min_confidence; one without a confidence (unconstrained) is kept only at 0."""
+    if min_confidence <= 0:
+        return list(triples)
+    return [t for t in triples if getattr(t, "confidence", None) is not None and t.confidence >= min_confidence]
+
+
+def _triple_cell(triple) -> dict:
+    return triple.to_output() if hasattr(triple, "to_output") else triple.to_dict()
+
+
+def _row_label(pred: PredictionLike, tasks: Sequence[str], min_confidence: float = 0.0) -> RowLabel:
     warnings = "; ".join(pred.warnings or [])
     if pred.error:
         return RowLabel(error=str(pred.error), warnings=warnings)
     # A task that was not asked for stays blank: "[]" would claim the model found no triples.
-    category = (pred.category or "") if "classification" in tasks else ""
+    category, category_confidence = "", ""
+    if "classification" in tasks:
+        category = pred.category or ""
+        category_confidence = _confidence_cell(getattr(pred, "category_confidence", None) if category else None)
     triples = ""
     if "extraction" in tasks:
-        triples = json.dumps([t.to_dict() for t in pred.triples], ensure_ascii=False)
-    return RowLabel(category, triples, "", warnings)
+        kept = kept_triples(pred.triples, min_confidence)
+        triples = json.dumps([_triple_cell(t) for t in kept], ensure_ascii=False)
+    return RowLabel(category, category_confidence, triples, "", warnings)
 
 
 def _failed(err: BaseException) -> RowLabel:
     return RowLabel(error=f"prediction failed: {type(err).__name__}: {err}")
 
 
-def _predict_checked(predict_fn: PredictFn, texts: list[str], tasks: Sequence[str]) -> list[RowLabel]:
+def _predict_checked(
+    predict_fn: PredictFn, texts: list[str], tasks: Sequence[str], min_confidence: float
+) -> list[RowLabel]:
     preds = list(predict_fn(texts))
     if len(preds) != len(texts):
         raise RuntimeError(f"predictor returned {len(preds)} predictions for {len(texts)} texts")
-    return [_row_label(p, tasks) for p in preds]
+    return [_row_label(p, tasks, min_confidence) for p in preds]
 
 
 def label_texts(
-    texts: Sequence[str], predict_fn: PredictFn, tasks: Sequence[str], log: Callable[[str], None] = print
+    texts: Sequence[str],
+    predict_fn: PredictFn,
+    tasks: Sequence[str],
+    log: Callable[[str], None] = print,
+    min_confidence: float = 0.0,
 ) -> list[RowLabel]:
     """One RowLabel per text, never raising: empty texts are errors without a model call, and a chunk
     whose prediction raises is retried text by text so only the failing rows carry an error."""
@@ -338,14 +372,15 @@ def label_texts(
     if not todo:
         return labels
     try:
-        for i, label in zip(todo, _predict_checked(predict_fn, [texts[i] for i in todo], tasks), strict=True):
+        labelled = _predict_checked(predict_fn, [texts[i] for i in todo], tasks, min_confidence)
+        for i, label in zip(todo, labelled, strict=True):
             labels[i] = label
         return labels
     except Exception as err:  # noqa: BLE001 - any failure (OOM, decoding bug) must not stop the run
         log(f"a chunk of {len(todo)} texts failed ({type(err).__name__}: {err}); retrying one text at a time")
     for i in todo:
         try:
-            labels[i] = _predict_checked(predict_fn, [texts[i]], tasks)[0]
+            labels[i] = _predict_checked(predict_fn, [texts[i]], tasks, min_confidence)[0]
         except Exception as err:  # noqa: BLE001 - the row gets the error, the run goes on
             labels[i] = _failed(err)
     return labels
@@ -407,6 +442,7 @@ def run_key(cfg: LabelConfig, source: Source, column: str) -> dict:
         "tasks": list(cfg.task_list),
         "chunk_rows": cfg.chunk_rows,
         "batch_size": cfg.batch_size,
+        "min_confidence": cfg.min_confidence,
         "model": str(Path(cfg.model).resolve()),
         "model_files": _model_stamp(Path(cfg.model)),
     }
@@ -473,7 +509,7 @@ def _chunk_rows(fitted: list[tuple[list[str], str | None]], labels: list[RowLabe
     rows = []
     for (cells, row_warning), label in zip(fitted, labels, strict=True):
         warnings = "; ".join(w for w in (row_warning, label.warnings) if w)
-        rows.append([*cells, label.category, label.triples, label.error, warnings])
+        rows.append([*cells, label.category, label.category_confidence, label.triples, label.error, warnings])
     return rows
 
 
@@ -527,7 +563,8 @@ def _label_csv(cfg, predict_fn, source, log, on_progress, show_bar) -> LabelResu
         else:
             handle.write(codecs.BOM_UTF8 + render_rows([output_header(header)]))
         for fitted in _chunks(source, len(header), cfg.chunk_rows, skip=done):
-            labels = label_texts([cells[text_index] for cells, _ in fitted], predict_fn, cfg.task_list, log)
+            labels = label_texts([cells[text_index] for cells, _ in fitted], predict_fn, cfg.task_list, log,
+                                 cfg.min_confidence)
             error_rows += sum(1 for label in labels if label.error)
             handle.write(render_rows(_chunk_rows(fitted, labels)))
             handle.flush()

@@ -8,6 +8,7 @@ A metric is None only where nothing at all was evaluated (no rows, or neither go
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from model.parsing import Triple
 
@@ -94,3 +95,42 @@ def triple_metrics(gold: list[list[Triple]], pred: list[list[Triple]]) -> dict:
     else:
         overall = {key: value for key, value in _prf(tp, n_pred, n_gold).items() if key != "support"}
     return {**overall, "tp": tp, "n_pred": n_pred, "n_gold": n_gold, "rows": len(gold), "per_predicate": per_predicate}
+
+
+def at_thresholds(
+    thresholds: Sequence[float],
+    gold_labels: list[str],
+    labels: list[tuple[str | None, float | None]],
+    gold_sets: list[list[Triple]],
+    pred_sets: list[list[Triple]],
+    comment_sets: list[list[Triple]],
+) -> list[dict]:
+    """Precision and recall when only answers with confidence >= t are kept, for each threshold t.
+
+    Categories: labels[i] = (strict label or None, its confidence). cls_coverage = share of rows answered
+    at t, cls_precision = accuracy among them, cls_recall = correct answers at t / all rows.
+    Triples: those with confidence >= t, scored as triple_metrics does; hallucination_rate = share of
+    comments (comment_sets) still given a triple. An answer without a confidence is never kept above 0.
+    """
+
+    def kept(confidence: float | None, t: float) -> bool:
+        return t <= 0 or (confidence is not None and confidence >= t)
+
+    out = []
+    for t in thresholds:
+        answered = [(g, p) for g, (p, c) in zip(gold_labels, labels, strict=True) if p is not None and kept(c, t)]
+        correct = sum(g == p for g, p in answered)
+        ie = triple_metrics(gold_sets, [[x for x in row if kept(x.confidence, t)] for row in pred_sets])
+        with_triples = sum(any(kept(x.confidence, t) for x in row) for row in comment_sets)
+        out.append({
+            "threshold": t,
+            "cls_coverage": _ratio(len(answered), len(gold_labels)) if gold_labels else None,
+            "cls_precision": _ratio(correct, len(answered)) if gold_labels else None,
+            "cls_recall": _ratio(correct, len(gold_labels)) if gold_labels else None,
+            "triple_precision": ie["precision"],
+            "triple_recall": ie["recall"],
+            "triple_f1": ie["f1"],
+            "triples_kept": ie["n_pred"],
+            "hallucination_rate": _ratio(with_triples, len(comment_sets)) if comment_sets else None,
+        })
+    return out

@@ -32,6 +32,9 @@ class Triple:
     object: str
     subject_type: str = ""
     object_type: str = ""
+    # From the model's token probabilities under the constraint (model.confidence); None for a parsed or
+    # gold triple. Not part of the fact: equality and the training format ignore it.
+    confidence: float | None = field(default=None, compare=False)
 
     def key(self) -> tuple[str, str, str]:
         """What evaluation matches on: types are descriptive, not part of the fact."""
@@ -40,6 +43,13 @@ class Triple:
     def to_dict(self) -> dict[str, str]:
         """The training answer's object, keys in the training order."""
         return {key: getattr(self, key) for key in TRIPLE_KEYS}
+
+    def to_output(self) -> dict:
+        """What the labeller writes: the training object plus its confidence (rounded to 3 decimals)."""
+        data: dict = self.to_dict()
+        if self.confidence is not None:
+            data["confidence"] = round(self.confidence, 3)
+        return data
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from finetune.data import truncate_prompt
-from model import decoding, grammar, vocab
+from model import confidence, decoding, grammar, vocab
 from model.load import LoadedModel
 from model.parsing import Triple, format_category, parse_category, parse_triples
 from model.prompts import CLASSIFICATION, EXTRACTION, build_prompt, is_blank
@@ -27,6 +27,8 @@ class Prediction:
     text: str
     category: str | None = None
     triples: list[Triple] = field(default_factory=list)
+    # Probability of the category answer under the constraint (model.confidence); None if unconstrained.
+    category_confidence: float | None = None
     raw: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -37,8 +39,19 @@ class Prediction:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data["triples"] = [t.to_dict() for t in self.triples]
+        data["triples"] = [t.to_output() for t in self.triples]
         return data
+
+
+@dataclass
+class Answer:
+    """One generated answer: its text, whether it hit max_new_tokens, its ids and (constrained) choices."""
+
+    text: str
+    hit_limit: bool
+    ids: list[int] = field(default_factory=list)
+    # (answer index, log-probability) of each token chosen among several allowed; None: unconstrained.
+    choices: list[tuple[int, float]] | None = field(default=None, compare=False)
 
 
 def max_new_tokens_for(schema: dict, task: str) -> int:
@@ -94,8 +107,8 @@ def generate_answers(
     max_new_tokens: int | None = None,
     phrasing: str | None = None,
     on_batch: Callable[[int], None] | None = None,
-) -> list[tuple[str, bool]]:
-    """Answer text and whether it hit max_new_tokens, for each text, in input order."""
+) -> list[Answer]:
+    """The answer to each text, in input order."""
     import torch
 
     tok = lm.tokenizer
@@ -105,7 +118,7 @@ def generate_answers(
     rows = [prompt_ids(lm, text, task, phrasing) for text in texts]
     max_triples = int(lm.schema.get("max_triples") or 16)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
-    answers: list[tuple[str, bool]] = [("", False)] * len(rows)
+    answers: list[Answer] = [Answer("", False)] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask, extra = left_padded_batch(lm, [rows[i] for i in chunk], pad_id)
@@ -117,18 +130,101 @@ def generate_answers(
                     else grammar.TripleConstraint(lm.schema, vocab.text_view(tok, texts[i]), max_triples=max_triples)
                     for i in chunk
                 ]
-                generated = decoding.constrained_generate(
+                generated = decoding.constrained_generate_scored(
                     lm.model, tok, input_ids, mask, constraints, budget, end_id, pad_id, **extra
                 )
             else:
-                generated = decoding.unconstrained_generate(
-                    lm.model, tok, input_ids, mask, budget, end_id, pad_id, **extra
-                )
-        for i, ids in zip(chunk, generated, strict=True):
-            answers[i] = (vocab.decode_answer(tok, ids), len(ids) >= budget)
+                generated = [
+                    decoding.Generated(ids, None)
+                    for ids in decoding.unconstrained_generate(
+                        lm.model, tok, input_ids, mask, budget, end_id, pad_id, **extra
+                    )
+                ]
+        for i, g in zip(chunk, generated, strict=True):
+            answers[i] = Answer(vocab.decode_answer(tok, g.ids), len(g.ids) >= budget, g.ids, g.choices)
         if on_batch:
             on_batch(len(chunk))
     return answers
+
+
+def score_answer(lm: LoadedModel, text: str, task: str, answer_ids: Sequence[int]) -> Answer:
+    """A given answer (ids, without the end token) put through constrained generation as if the model had
+    chosen it: the choices and log-probabilities decoding would record, so its confidence compares with a
+    generated answer's. Runs HF generate() (the model's own input preparation, positions and cache) with a
+    processor after the grammar's that forces the answer. Raises ValueError if the constraint does not
+    allow the answer."""
+    import torch
+
+    tok = lm.tokenizer
+    end_id = lm.family.end_token_id(tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
+    constraint = (grammar.CategoryConstraint(lm.schema["labels"]) if task == CLASSIFICATION
+                  else grammar.TripleConstraint(lm.schema, vocab.text_view(tok, text),
+                                                max_triples=int(lm.schema.get("max_triples") or 16)))
+    input_ids, mask, extra = left_padded_batch(lm, [prompt_ids(lm, text, task)], pad_id)
+    budget = max(max_new_tokens_for(lm.schema, task), len(answer_ids) + 1)
+    processor = decoding.GrammarLogitsProcessor(tok, [constraint], input_ids.shape[1], budget, end_id)
+    forced = _ForceAnswer([*answer_ids, end_id], input_ids.shape[1])
+    try:
+        with lm.lock, torch.no_grad():
+            sequences = decoding.generate_with(lm.model, input_ids, mask, len(answer_ids) + 1, end_id, pad_id,
+                                               [processor, forced], **extra)
+    except _Refused as refused:
+        k = refused.step
+        what = "the end" if k == len(answer_ids) else f"token {k} ({tok.decode([answer_ids[k]])!r})"
+        raise ValueError(f"the {task} constraint does not allow {what} of this answer") from None
+    processor.finish(sequences)
+    return Answer(vocab.decode_answer(tok, answer_ids), False, list(answer_ids), processor.choices[0])
+
+
+class _Refused(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
+class _ForceAnswer:
+    """Logits processor (after the grammar's) that leaves only the answer's next token, and stops generation
+    (_Refused) where the grammar has ruled that token out."""
+
+    def __init__(self, ids: list[int], prompt_length: int):
+        self.ids, self.prompt_length = ids, prompt_length
+
+    def __call__(self, input_ids, scores):
+        k = input_ids.shape[1] - self.prompt_length
+        token = self.ids[min(k, len(self.ids) - 1)]
+        if scores[0, token] == float("-inf"):
+            raise _Refused(k)
+        forced = scores.new_full(scores.shape, float("-inf"))
+        forced[:, token] = 0.0
+        return forced
+
+
+def answer_confidence(lm: LoadedModel, task: str, answer: Answer) -> float | list[float]:
+    """The category confidence of a classification answer, or each triple's confidence of an extraction one."""
+    if answer.choices is None:
+        raise ValueError("an unconstrained answer has no confidence")
+    if task == CLASSIFICATION:
+        return confidence.category_confidence(answer.choices)
+    return [score for _, score in _triple_scores(lm, answer)]
+
+
+def _triple_scores(lm: LoadedModel, got: Answer) -> list[tuple[tuple[str, str, str], float]]:
+    """(key as written in the answer, confidence) of each triple object in the answer, in order."""
+    if got.choices is None:
+        return []
+    v = vocab.vocab_for(lm.tokenizer)
+    n = len(v.strings)
+    pieces = [v.strings[i] if 0 <= i < n else None for i in got.ids]
+    return confidence.triple_confidences(got.text, confidence.token_offsets(pieces, v.lead), got.choices)
+
+
+def _take_score(scores: list[tuple[tuple[str, str, str], float]], key: tuple[str, str, str]) -> float | None:
+    """The confidence of the first not yet taken object with this key (parsing drops duplicates after it)."""
+    for k, (written, score) in enumerate(scores):
+        if written == key:
+            del scores[k]
+            return score
+    return None
 
 
 def predict(
@@ -160,20 +256,24 @@ def predict(
             lm, [predictions[i].text for i in valid], task, batch_size, constrained,
             phrasing=(phrasing or {}).get(task), on_batch=progress,
         )
-        for i, (answer, hit_limit) in zip(valid, answers, strict=True):
-            pred = predictions[i]
-            pred.raw[task], pred.hit_limit[task] = answer, hit_limit
+        for i, got in zip(valid, answers, strict=True):
+            pred, answer = predictions[i], got.text
+            pred.raw[task], pred.hit_limit[task] = answer, got.hit_limit
             if task == CLASSIFICATION:
                 parsed = parse_category(answer, lm.schema["labels"])
                 pred.category = parsed.label
                 pred.well_formed[task] = parsed.label is not None and answer == format_category(parsed.label)
+                if got.choices is not None and pred.category is not None:
+                    pred.category_confidence = confidence.category_confidence(got.choices)
             else:
                 # Spans are copied from the text as the tokenizer sees it, then read back in the text.
                 view = vocab.text_view(lm.tokenizer, pred.text)
                 parsed = parse_triples(answer, lm.schema, view)
+                scores = _triple_scores(lm, got)
                 pred.triples = [
                     replace(t, subject=vocab.restore_span(t.subject, view, pred.text),
-                                        object=vocab.restore_span(t.object, view, pred.text))
+                                        object=vocab.restore_span(t.object, view, pred.text),
+                            confidence=_take_score(scores, t.key()))
                     for t in parsed.triples
                 ]
                 pred.well_formed[task] = parsed.ok

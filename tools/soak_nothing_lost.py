@@ -69,7 +69,7 @@ def _browse(n, browser, url, data, folder, until, report) -> None:
     page = context.new_page()
     try:
         while time.time() < until:
-            page.goto(f"{url}/batch")
+            page.goto(f"{url}/批量标注_Batch")
             # Generous: on 2 cores shared with three labelling processes a page can take a while to draw.
             page.wait_for_selector(UPLOAD, state="attached", timeout=180_000)
             page.set_input_files(UPLOAD, files=[{"name": "soak.csv", "mimeType": "text/csv", "buffer": data}])

@@ -36,7 +36,8 @@ def fake_predict(texts, on_progress):
     """Category from the text, one triple copied from it; reports progress like predict (2 tasks)."""
     on_progress(len(texts), 2 * len(texts))
     on_progress(2 * len(texts), 2 * len(texts))
-    return [Prediction(text=t, category="水果", triples=[Triple(t[:2], "作者", t[-2:], "图书作品", "人物")])
+    return [Prediction(text=t, category="水果", category_confidence=0.8,
+                       triples=[Triple(t[:2], "作者", t[-2:], "图书作品", "人物", confidence=0.6)])
             for t in texts]
 
 
@@ -78,11 +79,11 @@ def test_label_upload_keeps_rows_and_columns_and_reports_progress():
                           lambda done, total: reports.append((done, total)))
     out = read_labelled(result.csv_bytes)
     assert result.csv_bytes.startswith(b"\xef\xbb\xbf")  # model.label writes UTF-8 with BOM for Excel
-    assert out[0] == ["id", "comment", "note", "category", "triples", "error", "warnings"]
+    assert out[0] == ["id", "comment", "note", "category", "category_confidence", "triples", "error", "warnings"]
     assert len(out) == 52 and result.rows == 51 and result.error_rows == 1
-    assert out[1][:4] == ["0", TEXTS[0], "x", "水果"]
-    assert '"predicate": "作者"' in out[1][4]
-    assert out[51][5] == "empty text"
+    assert out[1][:5] == ["0", TEXTS[0], "x", "水果", "0.800"]
+    assert '"predicate": "作者"' in out[1][5] and '"confidence": 0.6' in out[1][5]
+    assert out[51][6] == "empty text"
     done = [d for d, _ in reports]
     assert done == sorted(done) and done[-1] == 51
     assert len(reports) > 2  # moves inside a chunk, not only once per chunk
@@ -94,10 +95,21 @@ def test_preview_and_failures():
     preview, failures = preview_and_failures(result, limit=2)
     assert list(preview.index) == [1, 2]
     # The labeller's columns first, so they are on screen whatever the input's width.
-    assert list(preview.columns) == ["category", "triples", "error", "warnings", "comment"]
+    assert list(preview.columns) == ["category", "category_confidence", "triples", "error", "warnings", "comment"]
     assert failures.to_dict("records") == [{"row": 2, "text": "", "error": "empty text"}]
-    assert preview.loc[1, "triples"] == "(好, 作者, 好)"  # compact on screen, JSON in the download
-    assert json.loads(read_labelled(result.csv_bytes)[1][2])[0]["subject"] == "好"
+    assert preview.loc[1, "triples"] == "(好, 作者, 好) 0.60"  # compact on screen, JSON in the download
+    assert json.loads(read_labelled(result.csv_bytes)[1][3])[0]["subject"] == "好"
+
+
+def test_the_confidence_slider_drops_triples_below_it_from_the_download():
+    rows = [["comment"], ["好吃"], ["也好"]]
+    kept = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None, min_confidence=0.6)
+    dropped = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None,
+                           min_confidence=0.65)
+    assert [json.loads(r[3])[0]["confidence"] for r in read_labelled(kept.csv_bytes)[1:]] == [0.6, 0.6]
+    assert [r[3] for r in read_labelled(dropped.csv_bytes)[1:]] == ["[]", "[]"]
+    assert [r[1:3] for r in read_labelled(dropped.csv_bytes)[1:]] == [["水果", "0.800"]] * 2  # categories stay
+    assert dropped.min_confidence == 0.65
 
 
 def test_compact_triples_leaves_odd_cells_alone():
@@ -110,7 +122,8 @@ def test_existing_output_column_names_are_not_overwritten():
     rows = [["comment", "category"], ["好", "old"]]
     result = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None)
     preview, failures = preview_and_failures(result)
-    assert list(preview.columns) == ["category_2", "triples", "error", "warnings", "comment", "category"]
+    assert list(preview.columns) == ["category_2", "category_confidence", "triples", "error", "warnings", "comment",
+                                     "category"]
     assert preview.iloc[0]["category"] == "old" and preview.iloc[0]["category_2"] == "水果"
     assert len(failures) == 0
 

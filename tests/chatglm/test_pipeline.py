@@ -14,7 +14,7 @@ from finetune.data import DEV_FILE, TRAIN_FILE, read_jsonl
 from finetune.families import CHATGLM, CHATGLM2, family_of_dir, load_model, load_tokenizer
 from model import evaluate, grammar_check, label
 from model.load import load_merged
-from model.predict import predict
+from model.predict import answer_confidence, generate_answers, predict, score_answer
 from model.vocab import vocab_for
 from tests.doubles.build import DOUBLES
 
@@ -71,6 +71,22 @@ def test_train_merge_evaluate_label(kind, double_merged, small_data, tmp_path):
     labels = json.loads((merged / "schema.json").read_text())["labels"]
     assert [r["comment"] for r in rows] == comments
     assert all(r["category"] in labels and r["error"] == "" for r in rows)
+    assert all(0 < float(r["category_confidence"]) <= 1 for r in rows)
+
+
+@pytest.mark.parametrize("kind", DOUBLES)
+def test_confidence_through_generate_matches_the_answer_fed_back(kind, double_merged, small_data):
+    """ChatGLM decodes through HF generate() with the logits processor, which records the choices; feeding the
+    answer back through the model's own forward (its positions and mask from <sop>) gives the same numbers."""
+    lm = load_merged(double_merged(kind), device="cpu")
+    texts = [ex.text for ex in read_jsonl(small_data / DEV_FILE) if ex.task == "classification"][:3]
+    # The generated ids: ChatGLM-6B's tokenizer may split the same answer text otherwise when encoding it.
+    for text, got in zip(texts, generate_answers(lm, texts, "classification"), strict=True):
+        assert got.choices, "a category is chosen among labels"
+        decoded = answer_confidence(lm, "classification", got)
+        fed = answer_confidence(lm, "classification", score_answer(lm, text, "classification", got.ids))
+        assert 0 < decoded <= 1
+        assert fed == pytest.approx(decoded, rel=1e-4)
 
 
 @pytest.mark.parametrize("kind", DOUBLES)
@@ -80,10 +96,16 @@ def test_batched_predictions_equal_one_at_a_time(kind, double_merged, small_data
     with torch.no_grad():
         batched = predict(lm, texts, batch_size=8)
         single = [predict(lm, [t], batch_size=1)[0] for t in texts]
-    def answer(p):
-        return {k: v for k, v in p.to_dict().items() if k != "seconds"}
+    def answer(p):  # Triple equality leaves out the confidence
+        return {k: v for k, v in vars(p).items() if k not in ("seconds", "category_confidence")}
+
+    def confidences(p):
+        return [p.category_confidence, *(t.confidence for t in p.triples)]
 
     assert [answer(p) for p in batched] == [answer(p) for p in single]
+    # Padding changes the sums' order a little, never the answers.
+    for b, s in zip(batched, single, strict=True):
+        assert confidences(b) == pytest.approx(confidences(s), rel=1e-4)
 
 
 @pytest.mark.parametrize("kind", DOUBLES)

@@ -23,6 +23,9 @@ pytestmark = pytest.mark.e2e
 UPLOAD = '[data-testid="stFileUploader"] input[type="file"]'
 ERRORS = ".stException"
 LABEL_BUTTON = "标注 Label"
+# Page URLs: Streamlit names pages by their file names (pages/1_批量标注_Batch.py), bilingual like the titles.
+BATCH, EVALUATION = "批量标注_Batch", "评估_Evaluation"
+NAV = '[data-testid="stSidebarNav"] a'
 COMMENTS = ["橙子很新鲜，汁水多", "房间干净，服务热情", "屏幕清晰，开机很快", "面料舒服，尺码合适", "牛奶很好喝"]
 
 
@@ -85,6 +88,29 @@ def test_home_labels_a_comment(page, server, direct_model):
     screenshot(page, "1_home")
 
 
+def test_confidence_is_shown_and_the_slider_hides_triples_below_it(page, server, direct_model):
+    text = "《平凡的世界》是作家路遥创作的长篇小说"
+    open_page(page, server)
+    # The sidebar names every page in both languages.
+    assert [page.locator(NAV).nth(i).inner_text().strip() for i in (1, 2, 3)] == [
+        "批量标注 Batch", "训练曲线 Training", "评估 Evaluation"]
+    label_comment(page, text)
+    category, triples = shown_result(page)
+    assert triples, "the tiny model gives this sentence a triple, so the slider has something to hide"
+    main = page.inner_text("section.main")
+    assert re.search(r"置信度 confidence: (0\.\d{3}|1\.000)", main)
+    header = [cell.inner_text().strip() for cell in page.locator('[data-testid="stTable"] thead th').all()]
+    assert "confidence" in header
+    page.locator('[role="slider"]').click()
+    for _ in range(20):  # 20 steps of 0.05: 1.0, above every triple's confidence
+        page.keyboard.press("ArrowRight")
+    page.wait_for_selector("text=no triples found")
+    assert re.search(r"\d+ triple\(s\) below confidence 1\.00 hidden", page.inner_text("section.main"))
+    assert page.locator('[data-testid="metric-container"]').first.inner_text().find(category) >= 0
+    no_exception(page)
+    screenshot(page, "1_home_min_confidence")
+
+
 def test_two_sessions_label_at_the_same_time(browser, server, direct_model):
     """Two browser contexts (two sessions, one shared model and lock) click at once; both answers are right."""
     texts = [COMMENTS[1], "《平凡的世界》是作家路遥创作的长篇小说"]
@@ -127,7 +153,7 @@ def upload(page, name: str, data: bytes, mime: str = "text/csv") -> None:
 
 @pytest.mark.parametrize("encoding", ["utf-8", "gbk"])
 def test_batch_labels_a_csv(page, server, direct_model, encoding, tmp_path):
-    open_page(page, server, "batch")
+    open_page(page, server, BATCH)
     page.wait_for_selector(UPLOAD, state="attached")
     upload(page, f"comments_{encoding}.csv", comments_csv(encoding))
     page.wait_for_selector("text=评论")  # the preselected text column
@@ -139,15 +165,20 @@ def test_batch_labels_a_csv(page, server, direct_model, encoding, tmp_path):
     path = tmp_path / "labelled.csv"
     download_info.value.save_as(path)
     rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    assert rows[0] == ["id", "评论", "备注", "category", "triples", "error", "warnings"]
+    assert rows[0] == ["id", "评论", "备注", "category", "category_confidence", "triples", "error", "warnings"]
     assert len(rows) == 51
     original = list(csv.reader(comments_csv(encoding).decode(encoding).splitlines()))
     labels = set(direct_model.schema["labels"])
     for got, sent in zip(rows[1:], original[1:], strict=True):
         assert got[:3] == sent
-        assert got[3] in labels and got[5] == ""
-        assert isinstance(json.loads(got[4]), list)
+        assert got[3] in labels and 0 < float(got[4]) <= 1 and got[6] == ""
+        assert all(0 <= t["confidence"] <= 1 for t in json.loads(got[5]))
     page.wait_for_selector("text=Preview")
+    # The preview's first columns are the results (its grid's accessible table; the first header is the index).
+    page.wait_for_selector('.stDataFrame th[role="columnheader"]', state="attached")
+    headers = page.locator(".stDataFrame").first.locator('th[role="columnheader"]').all_text_contents()
+    # The grid draws only the columns in view: the results must be among them, before the input's own.
+    assert headers[1:6] == ["category", "category_confidence", "triples", "error", "warnings"], headers
     no_exception(page)
     screenshot(page, f"2_batch_{encoding}")
     if encoding == "utf-8":  # Streamlit scrolls inside its own container: a second shot for the bottom
@@ -156,7 +187,7 @@ def test_batch_labels_a_csv(page, server, direct_model, encoding, tmp_path):
 
 
 def test_batch_bad_files_get_a_message_and_the_page_keeps_working(page, server):
-    open_page(page, server, "batch")
+    open_page(page, server, BATCH)
     page.wait_for_selector(UPLOAD, state="attached")
     upload(page, "numbers.csv", b"a,b\n1,2\n3,4\n")
     page.wait_for_selector("text=no text column found")
@@ -185,7 +216,7 @@ def test_batch_bad_files_get_a_message_and_the_page_keeps_working(page, server):
 
 def test_training_page_plots_the_loss(page, server):
     open_page(page, server)
-    page.locator('[data-testid="stSidebarNav"] a', has_text="training").click()
+    page.locator(NAV, has_text="训练曲线 Training").click()
     image = page.wait_for_selector('[data-testid="stImage"] img')
     page.wait_for_function("img => img.complete && img.naturalWidth > 300", arg=image)
     text = page.inner_text("section.main")
@@ -206,7 +237,7 @@ def dev_sample(data_dir: Path, per_task: int = 3) -> bytes:
 
 
 def test_evaluation_page_shows_the_metrics(page, server, data_dir):
-    open_page(page, server, "evaluation")
+    open_page(page, server, EVALUATION)
     page.get_by_text("上传 jsonl upload a jsonl").click()
     page.wait_for_selector(UPLOAD, state="attached")
     upload(page, "sample.jsonl", dev_sample(data_dir), "application/json")
@@ -255,7 +286,7 @@ def test_saving_into_a_read_only_model_folder_is_a_message(page, merged_model, d
     model = readonly_copy(merged_model, tmp_path / "ro")
     server = start_server(model, tmp_path, app_args=("--allow-writes",))
     try:
-        open_page(page, server, "evaluation")
+        open_page(page, server, EVALUATION)
         page.get_by_text("上传 jsonl upload a jsonl").click()
         page.wait_for_selector(UPLOAD, state="attached")
         upload(page, "sample.jsonl", dev_sample(data_dir, per_task=1), "application/json")
@@ -286,7 +317,7 @@ def test_two_sessions_opening_a_fresh_server_at_once_both_get_the_model(browser,
     try:
         pages = [context.new_page() for context in contexts]
         for page in pages:  # both navigations in flight before either script runs far
-            page.goto(f"{server.url}/batch", wait_until="commit")
+            page.goto(f"{server.url}/{BATCH}", wait_until="commit")
         for page in pages:
             page.wait_for_selector(UPLOAD, state="attached", timeout=120_000)
             body = page.inner_text("body")

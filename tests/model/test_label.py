@@ -87,6 +87,11 @@ def read_output(path: Path) -> list[list[str]]:
     return list(csv.reader(io.StringIO(raw.decode("utf-8-sig"), newline="")))
 
 
+def by_name(table: list[list[str]]) -> list[dict[str, str]]:
+    """The data rows of a read_output table as {column name: cell}."""
+    return [dict(zip(table[0], row, strict=True)) for row in table[1:]]
+
+
 def run(tmp_path: Path, input_path: Path, predict_fn=fake_predict, name: str = "out.csv", **options):
     cfg = LabelConfig(model="unused", input=str(input_path), output=str(tmp_path / name), **options)
     messages: list[str] = []
@@ -122,7 +127,7 @@ def test_utf8_bom_and_gbk_inputs_give_identical_output(tmp_path, dev_texts):
         assert result.encoding == ("gb18030" if encoding == "gbk" else "utf-8-sig")
     assert outputs["utf-8"] == outputs["utf-8-sig"] == outputs["gbk"]
     table = read_output(tmp_path / "out_gbk.csv")
-    assert table[0] == ["id", "comment", "category", "triples", "error", "warnings"]
+    assert table[0] == ["id", "comment", "category", "category_confidence", "triples", "error", "warnings"]
     assert [r[1] for r in table[1:]] == dev_texts[:30]  # decoded right, not just consistently wrong
 
 
@@ -149,14 +154,14 @@ def test_text_column_found_by_name(tmp_path, header, expected):
     result, _ = run(tmp_path, src)
     assert result.column == header[expected]
     # The fake's triple quotes the first two characters of the labelled text.
-    assert json.loads(read_output(result.output)[1][len(header) + 1])[0]["subject"] == row[expected][:2]
+    assert json.loads(by_name(read_output(result.output))[0]["triples"])[0]["subject"] == row[expected][:2]
 
 
 def test_column_option_picks_any_column(tmp_path):
     src = write_csv(tmp_path / "in.csv", [["comment", "买家留言"], ["不是这个", "衣服很好看"]])
     result, _ = run(tmp_path, src, column="买家留言")
     assert result.column == "买家留言"
-    assert json.loads(read_output(result.output)[1][3])[0]["subject"] == "衣服"
+    assert json.loads(by_name(read_output(result.output))[0]["triples"])[0]["subject"] == "衣服"
     with pytest.raises(LabelError, match=r"no column 'nope'.*'comment', '买家留言'"):
         run(tmp_path, src, column="nope")
 
@@ -228,12 +233,12 @@ def test_empty_rows_get_an_error_and_order_and_count_are_kept(tmp_path):
     table = read_output(result.output)
     assert result.rows == 6 and len(table) == 7
     assert [r[0] for r in table[1:]] == ["1", "2", "3", "4", "5", "6"]
-    errors = {r[0]: r[4] for r in table[1:]}
+    errors = {r["id"]: r["error"] for r in by_name(table)}
     assert errors == {"1": "", "2": "empty text", "3": "empty text", "4": "", "5": "empty text", "6": ""}
     assert result.error_rows == 3
     assert all(t.strip() for t in recorder.texts), "empty texts must not reach the model"
     # A ragged row keeps its data (joined into the last column) and says so.
-    assert table[6][1] == "第六条,x,y" and "3 fields" in table[6][5]
+    assert table[6][1] == "第六条,x,y" and "3 fields" in by_name(table)[5]["warnings"]
 
 
 def test_a_crashing_row_does_not_stop_the_run(tmp_path):
@@ -241,27 +246,28 @@ def test_a_crashing_row_does_not_stop_the_run(tmp_path):
     src = write_csv(tmp_path / "in.csv", [["comment"]] + [[t] for t in texts])
     result, messages = run(tmp_path, src, chunk_rows=4)
     table = read_output(result.output)
-    assert [r[3] for r in table[1:]] == ["", "prediction failed: RuntimeError: model exploded", "", ""]
-    assert all(r[1] in LABELS for r in table[1:] if r[0] != "BOOM 坏行")
+    assert [r["error"] for r in by_name(table)] == ["", "prediction failed: RuntimeError: model exploded", "", ""]
+    assert all(r["category"] in LABELS for r in by_name(table) if r["comment"] != "BOOM 坏行")
     assert any("retrying one text at a time" in m for m in messages)
 
 
 def test_long_text_warning_is_surfaced_without_error(tmp_path):
     src = write_csv(tmp_path / "in.csv", [["comment"], ["长" * 600]])
     table = read_output(run(tmp_path, src)[0].output)
-    assert table[1][3] == "" and "text cut" in table[1][4]
+    assert by_name(table)[0]["error"] == "" and "text cut" in by_name(table)[0]["warnings"]
 
 
 def test_classification_only_leaves_triples_blank(tmp_path):
     src = write_csv(tmp_path / "in.csv", [["comment"], ["苹果很甜"]])
     table = read_output(run(tmp_path, src, tasks="classification")[0].output)
-    assert table[1][1] in LABELS and table[1][2] == ""
+    assert by_name(table)[0]["category"] in LABELS and by_name(table)[0]["triples"] == ""
 
 
 def test_existing_output_column_names_are_not_overwritten(tmp_path):
     src = write_csv(tmp_path / "in.csv", [["comment", "category", "Error"], ["苹果", "金标", "e"]])
     table = read_output(run(tmp_path, src)[0].output)
-    assert table[0] == ["comment", "category", "Error", "category_2", "triples", "error_2", "warnings"]
+    assert table[0] == ["comment", "category", "Error", "category_2", "category_confidence", "triples", "error_2",
+                        "warnings"]
     assert table[1][:3] == ["苹果", "金标", "e"]
 
 
@@ -431,12 +437,27 @@ def test_cli_end_to_end_on_tiny_merged_model(merged_model, dev_texts, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     schema = json.loads((Path(merged_model) / "schema.json").read_text(encoding="utf-8"))
     table = read_output(out)
-    assert table[0] == ["序号", "句子", "category", "triples", "error", "warnings"]
+    assert table[0] == ["序号", "句子", "category", "category_confidence", "triples", "error", "warnings"]
     assert [r[1] for r in table[1:]] == texts
-    for row in table[1:]:
-        assert row[4] == "", row
-        assert row[2] in schema["labels"], "the category must be a trained label"
-        for triple in json.loads(row[3]):
-            assert list(triple) == ["predicate", "object_type", "subject_type", "object", "subject"]
+    n_triples = 0
+    for row in by_name(table):
+        assert row["error"] == "", row
+        assert row["category"] in schema["labels"], "the category must be a trained label"
+        assert 0 < float(row["category_confidence"]) <= 1
+        for triple in json.loads(row["triples"]):
+            assert list(triple) == ["predicate", "object_type", "subject_type", "object", "subject", "confidence"]
             assert triple["predicate"] in schema["predicates"]
-            assert triple["subject"] in row[1] and triple["object"] in row[1], "spans are copied from the text"
+            assert triple["subject"] in row["句子"] and triple["object"] in row["句子"], "spans come from the text"
+            assert 0 <= triple["confidence"] <= 1
+            n_triples += 1
+    assert n_triples > 0, "the tiny model gives triples, so the filter below has something to drop"
+    # No confidence reaches 1.01: every triple is dropped, the category and its confidence stay.
+    strict = tmp_path / "strict.csv"
+    cmd = [sys.executable, "-m", "model.label", "--model", str(merged_model), *options[:2], "--output", str(strict),
+           *options[4:], "--min-confidence", "1.01"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    filtered = by_name(read_output(strict))
+    assert [r["triples"] for r in filtered] == ["[]"] * len(texts)
+    assert [(r["category"], r["category_confidence"]) for r in filtered] == [
+        (r["category"], r["category_confidence"]) for r in by_name(table)]

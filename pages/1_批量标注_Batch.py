@@ -13,7 +13,7 @@ from app_support.batch import (
     size_problem,
 )
 from app_support.settings import MAX_UPLOAD_MB, user_message
-from app_support.ui import page_setup, require_model
+from app_support.ui import confidence_slider, page_setup, require_model
 from model.label import OUTPUT_COLUMNS, TEXT_COLUMN_NAMES, LabelError
 
 SAMPLE_CSV = Path(__file__).resolve().parents[1] / "assets" / "sample_comments.csv"
@@ -67,6 +67,7 @@ if upload.guessed_column is None:
 else:
     options, index = upload.header, upload.header.index(upload.guessed_column)
 column = st.selectbox("文本列 text column", options, index=index, key=f"column-{uploaded.id}")
+min_confidence = confidence_slider("batch_min_confidence")
 
 if st.button("开始标注 Label the file", type="primary", disabled=column == CHOOSE):
     from model.predict import predict
@@ -82,6 +83,7 @@ if st.button("开始标注 Label the file", type="primary", disabled=column == C
             uploaded.name, uploaded.getvalue(), column, str(model_dir),
             lambda texts, on_progress: predict(lm, texts, on_progress=on_progress),
             report,
+            min_confidence=min_confidence,
         )
     except LabelError as err:
         st.error(f"无法标注 cannot label this file: {err}")
@@ -99,6 +101,8 @@ if stored and stored[0] == uploaded.id:
     st.success(
         f"完成 done: {result.rows} 行 rows in {result.seconds:.1f} s, "
         f"{result.error_rows} 行失败 with an error; text column {result.column!r}"
+        + (f"; 已去掉置信度低于 {result.min_confidence:.2f} 的三元组 triples below confidence "
+           f"{result.min_confidence:.2f} dropped" if result.min_confidence > 0 else "")
     )
     st.download_button(
         "下载标注结果 download the labelled CSV", result.csv_bytes, file_name=download_name(uploaded.name),

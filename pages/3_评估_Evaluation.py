@@ -12,6 +12,7 @@ from app_support.evaluation import (
     per_predicate_table,
     summary_json,
     task_counts,
+    threshold_table,
     wrong_rows,
 )
 from app_support.plots import confusion_figure
@@ -101,6 +102,12 @@ if stored:
     if metrics["ie_n"]:
         st.markdown("**各关系 Per predicate**")
         st.dataframe(per_predicate_table(metrics), use_container_width=True)
+
+    thresholds = threshold_table(metrics)
+    if len(thresholds) > 1:
+        st.markdown("**按置信度筛选 At a minimum confidence** (the slider on the other pages, model.label "
+                    "--min-confidence): what is kept and how precise it is")
+        st.table(thresholds)
 
     wrong = wrong_rows(metrics)
     st.markdown(f"**错误的行 Wrong rows ({len(wrong)})**")
