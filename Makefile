@@ -13,7 +13,7 @@ PYTHON ?= $(shell for p in python3.11 python3.10 python3; do \
 	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 11))' \
 	2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: venv data system-deps test test-fast lint demo app bench clean
+.PHONY: venv data system-deps test test-fast lint demo app bench clean figures
 
 venv: $(VENV)/.installed
 
@@ -61,6 +61,12 @@ demo: venv data system-deps
 	@if [ -d runs/demo/merged ]; then echo "runs/demo/merged exists: serving it (rm -rf runs/demo to rebuild)"; \
 	else $(PY) -m finetune.demo --output-dir runs/demo; fi
 	@$(MAKE) --no-print-directory app APP_MODEL=runs/demo/merged
+
+# The README's demo metric figures, regenerated (two demo runs, ~16 min on 2 cores) and compared: one line
+# per figure, same or CHANGED. make figures FIGURES_ARGS=--write puts the measured ones into README.md.
+FIGURES_ARGS ?=
+figures: venv data
+	$(PY) -m tools.figures $(FIGURES_ARGS)
 
 # Serve an existing merged model: make app [APP_MODEL=runs/NAME/merged] [APP_PORT=8501]
 APP_MODEL ?= runs/demo/merged

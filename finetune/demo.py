@@ -10,11 +10,8 @@ Steps (each one the same code as its own CLI):
   4. model.evaluate  on the dev file                                            -> OUT/merged/metrics.json
 then `streamlit run app.py -- --model OUT/merged` serves it.
 
-Measured (2-core VM, one torch thread, 2026-12-03): 7.6 min idle (train 449 s), 8.8 and 11.2 min
-with a test suite sharing the cores, identical weights and predictions all three times; dev category
-accuracy 0.730, macro-F1 0.596, triple F1 0, parse rate 1.0, hallucination rate 0.016 (README).
-Without the preset's negative rows: 8.8 min, accuracy 0.730, macro-F1 0.722, triple F1 0,
-hallucination rate 1.0 (every dev comment got a triple).
+Its dev metrics (with and without the preset's "no relation" rows) and measured times are in the README,
+regenerated and checked by `make figures` (tools/figures.py).
 A model trained from scratch on 902 rows learns the answer formats and most categories, never the
 triples: the demo shows the machinery, not the quality; a pretrained base (ChatGLM-6B with
 finetune/configs/chatglm6b_lora.yaml) brings that.
