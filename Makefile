@@ -55,7 +55,7 @@ lint: venv
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# The CPU demo: builds runs/demo/merged with finetune.demo (7.6 min measured on 2 idle cores, 9-11 under load) unless it exists,
+# The CPU demo: builds runs/demo/merged with finetune.demo (7.6-11.2 min measured on 2 cores, idle or loaded) unless it exists,
 # then serves it. `rm -rf runs/demo` (or python -m finetune.demo --force) rebuilds it.
 demo: venv data system-deps
 	@if [ -d runs/demo/merged ]; then echo "runs/demo/merged exists: serving it (rm -rf runs/demo to rebuild)"; \
@@ -78,7 +78,7 @@ app: venv
 		-- --model $(APP_MODEL)
 
 # CPU benchmarks (bench/README.md): each prints a RATIO line against a baseline run in the same
-# process; logs go to runs/bench/. 12 min when last measured on 2 cores (+ venv). The GPU one only dry-runs here.
+# process; logs go to runs/bench/. 5-11 min measured on 2 cores (+ venv). The GPU one only dry-runs here.
 BENCH_LOGS ?= runs/bench
 bench: venv data
 	@mkdir -p $(BENCH_LOGS)

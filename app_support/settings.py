@@ -59,7 +59,7 @@ def setup_commands(model_dir: Path | str) -> list[str]:
     quoted = shlex.quote(str(model_dir))
     if model_dir == Path(DEFAULT_MODEL_DIR):
         return [
-            "make demo    # venv, data, CPU demo model (8-11 min on 2 cores), then starts this app",
+            "make demo    # venv, data, CPU demo model (8-13 min on 2 cores), then starts this app",
             "# or step by step:",
             "python -m finetune.demo --output-dir runs/demo",
             f"streamlit run app.py -- --model {quoted}",

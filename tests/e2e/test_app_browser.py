@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,17 @@ def upload(page, name: str, data: bytes, mime: str = "text/csv") -> None:
     page.set_input_files(UPLOAD, files=[{"name": name, "mimeType": mime, "buffer": data}])
 
 
+def preview_headers(page, timeout_s: float = 30) -> list[str]:
+    """The preview grid's column headers, read from its accessible table once the grid has filled it in
+    (the canvas grid draws, and may redraw, after the page shows the preview's title)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        headers = page.locator(".stDataFrame").first.locator('th[role="columnheader"]').all_text_contents()
+        if len(headers) > 1 or time.monotonic() > deadline:
+            return headers
+        page.wait_for_timeout(250)
+
+
 @pytest.mark.parametrize("encoding", ["utf-8", "gbk"])
 def test_batch_labels_a_csv(page, server, direct_model, encoding, tmp_path):
     open_page(page, server, BATCH)
@@ -175,8 +187,7 @@ def test_batch_labels_a_csv(page, server, direct_model, encoding, tmp_path):
         assert all(0 <= t["confidence"] <= 1 for t in json.loads(got[5]))
     page.wait_for_selector("text=Preview")
     # The preview's first columns are the results (its grid's accessible table; the first header is the index).
-    page.wait_for_selector('.stDataFrame th[role="columnheader"]', state="attached")
-    headers = page.locator(".stDataFrame").first.locator('th[role="columnheader"]').all_text_contents()
+    headers = preview_headers(page)
     # The grid draws only the columns in view: the results must be among them, before the input's own.
     assert headers[1:6] == ["category", "category_confidence", "triples", "error", "warnings"], headers
     no_exception(page)
@@ -247,10 +258,15 @@ def test_evaluation_page_shows_the_metrics(page, server, data_dir):
     metrics = page.locator('[data-testid="metric-container"]')
     assert metrics.count() == 7
     text = page.inner_text("section.main")
-    labels = ("类别准确率 accuracy", "macro-F1", "三元组 F1", "parse rate", "Per predicate", "Wrong rows")
+    labels = ("类别准确率 accuracy", "macro-F1", "三元组 F1", "parse rate", "Per predicate", "Wrong rows",
+              "At a minimum confidence")
     for label in labels:
         assert label in text
     assert "6 行 rows: 3 分类 classification, 3 抽取 extraction" in text
+    # One row per threshold in the confidence table, 0 (everything kept) first.
+    thresholds = page.locator('[data-testid="stTable"]').filter(has_text="cls_coverage")
+    assert thresholds.locator("tbody tr").count() == 5
+    assert thresholds.locator("tbody tr").first.locator("td").first.inner_text().strip() in ("0", "0.0", "0.0000")
     # Read-only for visitors: no way to replace the served model's metrics.json without --allow-writes.
     assert "保存到模型目录" not in text
     page.wait_for_selector('[data-testid="stImage"] img')  # the confusion matrix
