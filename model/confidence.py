@@ -13,6 +13,8 @@ How it is computed
   decision to give this triple at all (',' or '{' rather than closing the list), its predicate and types,
   and every character of its subject and object spans (where to start, whether to go on). It is not the
   probability that the triple is true; evaluate's precision/recall at thresholds says how it relates.
+  Being a product, it is lower for a longer triple at the same certainty per choice (an untrained model's
+  triples read ~0.000); a threshold is therefore best picked from evaluate's table on your own data.
 Unconstrained answers carry no confidence (None): there is no allowed set to renormalise over.
 """
 
