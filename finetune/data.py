@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.families import IGNORE_INDEX  # noqa: F401 - the label of prompt and pad positions, defined once
+
 CLASSIFICATION = "classification"
 EXTRACTION = "extraction"
 TASKS = (CLASSIFICATION, EXTRACTION)
@@ -27,7 +29,6 @@ _CONTEXT_RE = re.compile(
 TRIPLE_KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
 JSON_FENCE_OPEN = "```json\n"
 JSON_FENCE_CLOSE = "\n```"
-IGNORE_INDEX = -100
 
 
 class DataError(ValueError):

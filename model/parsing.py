@@ -12,10 +12,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-# Kept in step with finetune.data (a test checks it); not imported because finetune.data pulls in torch.
-TRIPLE_KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
-JSON_FENCE_OPEN = "```json\n"
-JSON_FENCE_CLOSE = "\n```"
+# The training answer's format, defined once with the dataset (finetune.data imports no torch at module level).
+from finetune.data import JSON_FENCE_CLOSE, JSON_FENCE_OPEN, TRIPLE_KEYS
 
 # Long enough for any real answer; beyond it only the start is shown in a warning.
 _SHOWN_CHARS = 60

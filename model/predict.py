@@ -15,9 +15,8 @@ from finetune.data import truncate_prompt
 from model import confidence, decoding, grammar, vocab
 from model.load import LoadedModel
 from model.parsing import Triple, format_category, parse_category, parse_triples
-from model.prompts import CLASSIFICATION, EXTRACTION, build_prompt, is_blank
+from model.prompts import CLASSIFICATION, EXTRACTION, TASKS, build_prompt, is_blank
 
-TASKS = (CLASSIFICATION, EXTRACTION)
 DEFAULT_MAX_NEW_TOKENS = {CLASSIFICATION: 16, EXTRACTION: 300}
 MAX_TEXT_CHARS = 2000  # longer texts are cut (with a warning) before prompting
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import unicodedata
 
-# Kept in step with finetune.data.TASKS (a test checks it); not imported because finetune.data
-# pulls in torch and this module must stay importable without it.
-CLASSIFICATION = "classification"
-EXTRACTION = "extraction"
-TASKS = (CLASSIFICATION, EXTRACTION)
+# One definition, in the dataset format (finetune.data imports torch only inside the collator, so this module
+# stays importable without torch; tests/model/test_prompts.py checks it).
+from finetune.data import CLASSIFICATION, EXTRACTION, TASKS  # noqa: F401 - re-exported for model/ and the app
 
 
 def _prompt_section(schema: dict) -> dict:

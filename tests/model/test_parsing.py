@@ -11,9 +11,6 @@ import pytest
 
 from finetune import data
 from model.parsing import (
-    JSON_FENCE_CLOSE,
-    JSON_FENCE_OPEN,
-    TRIPLE_KEYS,
     ParsedCategory,
     ParsedTriples,
     Triple,
@@ -54,10 +51,6 @@ def fenced(body: str) -> str:
 
 # --------------------------------------------------------------------------- Triple and formatting
 
-
-def test_constants_match_finetune_data():
-    assert TRIPLE_KEYS == data.TRIPLE_KEYS
-    assert (JSON_FENCE_OPEN, JSON_FENCE_CLOSE) == (data.JSON_FENCE_OPEN, data.JSON_FENCE_CLOSE)
 
 
 def test_triple_key_and_dict_order():

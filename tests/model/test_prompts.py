@@ -34,8 +34,18 @@ def small_schema() -> dict:
     }
 
 
-def test_tasks_match_finetune_data():
-    assert TASKS == data.TASKS
+def test_the_pure_modules_import_without_torch():
+    """model.prompts/parsing/confidence and finetune.data are pure: the app's light paths and the parsers' tests
+    must not pay for (or need) torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import model.prompts, model.parsing, model.confidence, finetune.data; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=data.Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
+    assert TASKS == ("classification", "extraction")
 
 
 def test_every_training_row_rebuilds_its_context_exactly(train, schema):
