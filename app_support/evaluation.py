@@ -9,7 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from finetune.data import DataError, Example, read_jsonl
+from core.dataset import DataError, Example, read_jsonl
 
 
 def load_examples(path: Path | str | None = None, data: bytes | None = None, name: str = "upload",

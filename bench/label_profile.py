@@ -47,9 +47,9 @@ def step_cost(lm, batch: int, new: int = 1, context: int = 200, steps: int = 50)
 
 def feed_policies(lm, texts: list[str]) -> dict:
     """Per feed policy: forward passes, tokens fed after the first pass, pads among them, seconds (extraction)."""
+    from core.dataset import EXTRACTION
     from model import jump_forward
     from model.predict import generate_answers
-    from model.prompts import EXTRACTION
 
     decoder_class = jump_forward.JumpForwardDecoder
     original_init, original_run = decoder_class.__init__, decoder_class.run
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    from finetune.data import load_split
+    from core.dataset import load_split
     from model.load import load_merged
     from model.predict import predict
 

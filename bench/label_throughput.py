@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.common import build_trained_model, machine_line, percentile, print_comparison, set_threads, verdict
-from finetune.config import parse_config
+from core.config import parse_config
 
 TARGET_RATIO = 10.0
 BASELINE, OURS = "baseline", "ours"
@@ -97,8 +97,8 @@ def baseline_answer(lm, text: str, task: str, max_new_tokens: int) -> tuple[str,
 
 def well_formed(lm, task: str, answer: str, text: str) -> bool:
     """The same test model.predict stores in Prediction.well_formed, applied to any answer text."""
+    from core.dataset import CLASSIFICATION
     from model.parsing import format_category, parse_category, parse_triples
-    from model.prompts import CLASSIFICATION
 
     if task == CLASSIFICATION:
         label = parse_category(answer, lm.schema["labels"]).label
@@ -122,7 +122,7 @@ class Answers:
 
 def score(lm, answers: Answers, gold: list) -> dict:
     """Category accuracy on classification rows, triple P/R/F1 on extraction rows, parse rate on all answers."""
-    from finetune.data import CLASSIFICATION
+    from core.dataset import CLASSIFICATION
     from model.metrics import classification_metrics, triple_metrics
     from model.parsing import Triple
 
@@ -145,7 +145,7 @@ def score(lm, answers: Answers, gold: list) -> dict:
 
 
 def load_texts(cfg: BenchConfig):
-    from finetune.data import load_split
+    from core.dataset import load_split
 
     dev = load_split(cfg.data_dir, "dev")
     return [dev[i % len(dev)] for i in range(cfg.n_texts)]
@@ -169,9 +169,9 @@ def main(argv=None) -> dict:
     set_threads(cfg.threads)
     wall = time.perf_counter()
     print("resolved config:", json.dumps(asdict(cfg)), flush=True)
+    from core.dataset import CLASSIFICATION
     from model.load import load_merged
     from model.predict import TASKS, max_new_tokens_for, predict
-    from model.prompts import CLASSIFICATION
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(cfg.work_dir or tmp)
@@ -244,8 +244,8 @@ def main(argv=None) -> dict:
 def record(lm, answers: Answers, i: int, task: str, answer: str, text: str, n_new: int, limit: int,
            hit: bool | None = None, ok: bool | None = None) -> None:
     """Parse one answer as the app would; hit/ok are model.predict's own records when it made the answer."""
+    from core.dataset import CLASSIFICATION
     from model.parsing import parse_category, parse_triples
-    from model.prompts import CLASSIFICATION
 
     if task == CLASSIFICATION:
         answers.categories[i] = parse_category(answer, lm.schema["labels"]).label

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.common import current_rss_mb, machine_line, peak_rss_mb, print_comparison, set_threads, verdict
-from finetune.config import parse_config
+from core.config import parse_config
 
 TARGET_RATIO = 3.0
 BASELINE, OURS = "baseline", "ours"
@@ -99,7 +99,7 @@ def make_base(cfg: BenchConfig, workdir: Path) -> Path:
 
 def train_config_for(cfg: BenchConfig, base: Path, workdir: Path):
     """The project's TrainConfig with the GPU preset's values (batch size, accumulation, LoRA, lr)."""
-    from finetune.config import load_yaml
+    from core.config import load_yaml
     from finetune.train import TrainConfig
 
     values = load_yaml(cfg.train_config, TrainConfig)
@@ -133,7 +133,7 @@ def pad_fixed(feature: dict, length: int, pad_token_id: int) -> dict:
     """The tutorial's convert_example: right-pad input_ids/labels to one fixed length, mask padding."""
     import torch
 
-    from finetune.data import IGNORE_INDEX
+    from core.families import IGNORE_INDEX
 
     ids, labels = list(feature["input_ids"])[:length], list(feature["labels"])[:length]
     pad = length - len(ids)
@@ -230,7 +230,8 @@ def dev_loss(model, dev_set, pad_token_id: int, batch_size: int = 8) -> float:
     """Token-weighted mean loss on the dev rows, padded to the longest per batch: the same for both models."""
     import torch
 
-    from finetune.data import IGNORE_INDEX, PadToLongestCollator
+    from core.families import IGNORE_INDEX
+    from finetune.data import PadToLongestCollator
 
     collator = PadToLongestCollator(pad_token_id=pad_token_id)
     total, n_tokens = 0.0, 0
@@ -262,16 +263,17 @@ def padding_invariance(model, feature: dict, length: int, pad_token_id: int) -> 
 
 
 def prepare(cfg: BenchConfig, workdir: Path):
+    from core import dataset
+    from core.families import family_of_dir, load_tokenizer
     from finetune import data as D
-    from finetune.families import family_of_dir, load_tokenizer
 
     base = make_base(cfg, workdir)
     train_cfg = train_config_for(cfg, base, workdir)
     family = family_of_dir(base)
     tokenizer = load_tokenizer(base, family)
-    rows = D.load_split(cfg.data_dir, "train")
+    rows = dataset.load_split(cfg.data_dir, "train")
     train_set = D.tokenize_examples(rows, tokenizer, family, train_cfg.max_source_len, train_cfg.max_target_len)
-    dev_rows = D.load_split(cfg.data_dir, "dev")[: cfg.dev_rows]
+    dev_rows = dataset.load_split(cfg.data_dir, "dev")[: cfg.dev_rows]
     dev_set = D.tokenize_examples(dev_rows, tokenizer, family, train_cfg.max_source_len, train_cfg.max_target_len)
     return base, train_cfg, family, tokenizer, train_set, dev_set
 

@@ -1,7 +1,3 @@
-"""Package init: quiet one known warning of the pinned stack (see below)."""
+"""Training: LoRA fine-tuning, merging, the tiny models and the CPU demo, on the shared ground in core/."""
 
-import warnings
-
-# transformers 4.33 (pinned for ChatGLM-6B's code) calls a torch helper that torch 2.13 deprecates; every
-# command printed the FutureWarning on import. It is about transformers' internals, nothing a user can act on.
-warnings.filterwarnings("ignore", message=r".*_register_pytree_node.* is deprecated", category=FutureWarning)
+import core  # noqa: F401 - installs core's warning filter before any command imports transformers

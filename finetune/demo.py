@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import parse_config
+from core.config import parse_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -137,15 +139,15 @@ def total_steps_of(config_path: str | Path, n_train: int, n_extraction: int = 0)
 
 def mark_demo(merged: Path) -> None:
     """schema.json says "demo": true, so every page of the app can say it serves a toy model."""
-    from finetune.safe_io import atomic_write_json
+    from core.safe_io import atomic_write_json
 
     schema = json.loads((merged / "schema.json").read_text(encoding="utf-8"))
     atomic_write_json(merged / "schema.json", {**schema, "demo": True})
 
 
 def run_demo(cfg: DemoConfig) -> Path:
+    from core.dataset import DEV_FILE, TRAIN_FILE
     from finetune import merge, train
-    from finetune.data import DEV_FILE, TRAIN_FILE
     from finetune.tiny import TinyConfig, build_tiny
 
     out = Path(cfg.output_dir)
@@ -182,15 +184,17 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["merge"] = _done(t)
 
     t = _step(4, f"model.evaluate on {data_dir / DEV_FILE} -> {merged / 'metrics.json'}")
-    import torch
-
-    from model import evaluate
-
-    # One thread for generation: the tiny model's matrices are too small to split, and on shared cores
-    # two spin-waiting threads made it ~10x slower (measured: 25 s vs 1.7 s for 8 texts under load).
-    torch.set_num_threads(1)
+    # The command a user runs next, in its own process: training code reaches serving code only through
+    # finetune/sample_decode.py (tests/test_layers.py), and this is exactly the user's path. One thread for
+    # generation: the tiny model's matrices are too small to split, and on shared cores two spin-waiting
+    # threads made it ~10x slower (measured: 25 s vs 1.7 s for 8 texts under load).
     argv = ["--model", str(merged), "--data", str(data_dir / DEV_FILE), "--output", str(merged / "metrics.json")]
-    metrics = evaluate.main(argv + (["--limit", str(cfg.eval_limit)] if cfg.eval_limit > 0 else []))
+    argv += ["--limit", str(cfg.eval_limit)] if cfg.eval_limit > 0 else []
+    done = subprocess.run([sys.executable, "-m", "model.evaluate", *argv], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise SystemExit(f"error: model.evaluate failed (exit {done.returncode}); {merged} is kept, rerun it with:\n"
+                         f"  python -m model.evaluate {' '.join(argv)}")
+    metrics = json.loads((merged / "metrics.json").read_text(encoding="utf-8"))
     timings["evaluate"] = _done(t)
 
     total = time.time() - started

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import safe_io
-from finetune.config import parse_config
-from finetune.data import PROMPT_TEMPLATE
-from finetune.families import Family, detect_family, load_model, load_tokenizer, read_config
-from finetune.safe_io import OLD_MARK, TMP_MARK, OutputError, OutputLock, check_writable, recover_dir, side_dir
+from core import safe_io
+from core.config import parse_config
+from core.dataset import PROMPT_TEMPLATE
+from core.families import DTYPE_NAMES, Family, detect_family, load_model, load_tokenizer, read_config, torch_dtype
+from core.safe_io import OLD_MARK, TMP_MARK, OutputError, OutputLock, check_writable, recover_dir, side_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,18 +44,12 @@ TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.05}
 class MergeConfig:
     run: str = field(metadata={"help": "run directory written by finetune.train (has train_config.json)"})
     output_dir: str | None = field(default=None, metadata={"help": "default: RUN/merged"})
-    dtype: str = field(default="fp16", metadata={"choices": ["fp16", "bf16", "fp32"]})
+    dtype: str = field(default="fp16", metadata={"choices": list(DTYPE_NAMES)})
     config: str | None = None
 
 
 class MergeError(RuntimeError):
     pass
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def verify_ids(tokenizer, family: Family, schema: dict) -> list[list[int]]:

@@ -30,9 +30,9 @@ def pick_samples(dev_rows: list, n: int) -> list:
 
 def decode_samples(lm, rows: list) -> dict:
     """Answer `rows` (Examples with .text, .task and .answer) with `lm`; the log record without the step."""
+    from core.dataset import CLASSIFICATION
     from model.parsing import Triple
     from model.predict import predict
-    from model.prompts import CLASSIFICATION
 
     well_formed = correct = 0
     shown = ""

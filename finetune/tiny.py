@@ -14,7 +14,7 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.data import DEV_FILE, TRAIN_FILE
+from core.dataset import DEV_FILE, TRAIN_FILE
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 # Characters every tokenizer gets even if the data lacks them: ASCII and common CJK punctuation,

@@ -22,10 +22,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finetune import data as D
-from finetune.config import parse_config
-from finetune.families import WEIGHT_PATTERNS, Family, family_of_dir, load_model, load_tokenizer
-from finetune.safe_io import (
+from core import dataset
+from core.config import parse_config
+from core.families import WEIGHT_PATTERNS, Family, family_of_dir, load_model, load_tokenizer, torch_dtype
+from core.safe_io import (
     OLD_MARK,
     TMP_MARK,
     OutputError,
@@ -37,6 +37,7 @@ from finetune.safe_io import (
     replace_dir,
     side_dir,
 )
+from finetune import data as D
 from finetune.sample_decode import make_sample_decode_callback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +71,8 @@ class TrainConfig:
                           "the extraction rows' count (0: none; the presets use 0.25), so the model learns when "
                           "a text has no relation"},
     )
-    max_source_len: int = field(default=400, metadata={"help": "prompt tokens kept (cut in the middle)"})
+    max_source_len: int = field(default=400, metadata={
+        "help": "prompt tokens kept (training cuts the middle; serving reads the longest start of the text that fits)"})
     max_target_len: int = field(default=300, metadata={"help": "answer tokens kept, end token included"})
     logging_steps: int = 10
     eval_steps: int = field(default=0, metadata={"help": "evaluate and save every N steps (0: about 5 times a run)"})
@@ -94,8 +96,8 @@ class TrainConfig:
         problems = []
         base = Path(self.base_model)
         problems += base_model_problems(base)
-        if not (Path(self.data_dir) / D.TRAIN_FILE).is_file():
-            problems.append(f"--data-dir {self.data_dir}: no {D.TRAIN_FILE} (run `make data` or copy it there)")
+        if not (Path(self.data_dir) / dataset.TRAIN_FILE).is_file():
+            problems.append(f"--data-dir {self.data_dir}: no {dataset.TRAIN_FILE} (run `make data` or copy it there)")
         for name in ("batch_size", "grad_accum", "lora_r", "max_source_len", "max_target_len", "logging_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -153,10 +155,9 @@ def build_model(cfg: TrainConfig, family: Family, precision: str):
     """Base model in the training dtype; LoRA adapters (trainable, fp32) on the family's targets."""
     import torch
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     # LoRA keeps the frozen base in half precision (fits a 6B model in 16 GB); a full fine-tune keeps
     # fp32 master weights and lets autocast do the half-precision math.
-    load_dtype = dtypes[precision] if cfg.method == "lora" else torch.float32
+    load_dtype = torch_dtype(precision) if cfg.method == "lora" else torch.float32
     model = load_model(cfg.base_model, family, torch_dtype=load_dtype)
     if load_dtype == torch.float32:
         model = model.float()  # remote-code models may ignore torch_dtype
@@ -400,7 +401,7 @@ def main(argv=None) -> Path:
             return train(cfg)
     except (NonFiniteLoss, OutputError) as err:
         raise SystemExit(str(err)) from None
-    except D.DataError as err:
+    except dataset.DataError as err:
         raise SystemExit(f"error: {err}") from None
 
 
@@ -414,21 +415,21 @@ def train(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
 
-    train_rows = D.load_split(cfg.data_dir, "train")
+    train_rows = dataset.load_split(cfg.data_dir, "train")
     negatives = D.negative_extraction_rows(train_rows, cfg.negative_rows)
     if negatives and is_main:
         print(f"added {len(negatives)} extraction rows answered [] from classification texts "
               f"(--negative-rows {cfg.negative_rows})", flush=True)
     train_rows = train_rows + negatives
-    dev_path = Path(cfg.data_dir) / D.DEV_FILE
-    dev_rows = D.read_jsonl(dev_path) if dev_path.is_file() else []
+    dev_path = Path(cfg.data_dir) / dataset.DEV_FILE
+    dev_rows = dataset.read_jsonl(dev_path) if dev_path.is_file() else []
     family = family_of_dir(cfg.base_model)
     tokenizer = load_tokenizer(cfg.base_model, family)
     precision = resolve_precision(cfg.precision)
     model = build_model(cfg, family, precision)
     trainable, total = count_parameters(model)
 
-    schema = D.derive_schema(train_rows)
+    schema = dataset.derive_schema(train_rows)
     schema["family"] = family.name
     schema["answer_tokens"] = D.answer_token_budget(train_rows, tokenizer)
     # Serving cuts prompts the way training did and never generates past the longest answer.

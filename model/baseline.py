@@ -9,7 +9,7 @@ segmenter.
 
 from __future__ import annotations
 
-from finetune.data import CLASSIFICATION, Example
+from core.dataset import CLASSIFICATION, Example
 
 C = 10.0
 NGRAMS = (1, 3)

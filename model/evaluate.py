@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import parse_config
-from finetune.data import CLASSIFICATION, EXTRACTION, TRAIN_FILE, DataError, Example, read_jsonl
-from finetune.safe_io import OutputError, OutputLock, atomic_write, check_writable, refuse_overlap
+from core.config import parse_config
+from core.dataset import CLASSIFICATION, EXTRACTION, TRAIN_FILE, DataError, Example, read_jsonl
+from core.safe_io import OutputError, OutputLock, atomic_write, check_writable, refuse_overlap
 from model.baseline import baseline_labels
 from model.confidence import THRESHOLDS
 from model.load import LoadedModel, ModelLoadError, load_merged

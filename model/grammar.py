@@ -27,7 +27,7 @@ from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-from finetune.data import JSON_FENCE_CLOSE, JSON_FENCE_OPEN, TRIPLE_KEYS
+from core.dataset import JSON_FENCE_CLOSE, JSON_FENCE_OPEN, TRIPLE_KEYS
 
 if TYPE_CHECKING:
     from model.vocab import Vocab
@@ -451,7 +451,7 @@ class TripleConstraint(Constraint):
     def __init__(self, schema: dict, text: str, max_triples: int = 16):
         predicates = schema.get("predicates") if isinstance(schema, dict) else None
         if not isinstance(predicates, dict) or not predicates:
-            raise ValueError("schema has no 'predicates': was it written by finetune.data.derive_schema?")
+            raise ValueError("schema has no 'predicates': was it written by core.dataset.derive_schema?")
         for name, entry in predicates.items():
             if not name or not entry.get("subject_type") or not entry.get("object_type"):
                 raise ValueError(f"schema predicate {name!r} lacks subject_type/object_type lists")

@@ -17,10 +17,9 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
-from finetune.config import parse_config
-from finetune.data import Example, read_jsonl
+from core.config import parse_config
+from core.dataset import CLASSIFICATION, Example, read_jsonl
 from model import grammar
-from model.prompts import CLASSIFICATION
 
 
 @dataclass

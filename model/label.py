@@ -14,7 +14,7 @@ and ends byte-identical to an uninterrupted run):
   - a rerun whose input and settings match truncates the partial file to the recorded size (dropping
     a half-written chunk), skips the rows done and goes on; anything else starts over, saying why;
   - at the end the partial file is renamed to OUT, so OUT is never half-written;
-  - the whole run holds OUT.lock (finetune.safe_io.OutputLock), so no other run appends to OUT.partial.
+  - the whole run holds OUT.lock (core.safe_io.OutputLock), so no other run appends to OUT.partial.
 Chunks are the same with or without an interruption (resume starts on a chunk boundary), so even a
 model whose answers depend on batch composition gives identical bytes.
 """
@@ -37,9 +37,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
-from finetune.config import parse_config
-from finetune.safe_io import OutputError, OutputLock, atomic_write_json, check_writable, fsync_dir, refuse_overlap
-from model.prompts import TASKS, is_blank
+from core.config import parse_config
+from core.dataset import TASKS
+from core.safe_io import OutputError, OutputLock, atomic_write_json, check_writable, fsync_dir, refuse_overlap
+from model.prompts import is_blank
 
 # Header names (lower case) that hold the text to label, most specific first.
 TEXT_COLUMN_NAMES = ("comment", "text", "review", "content", "sentence", "评论", "内容", "文本", "句子")

@@ -13,15 +13,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from finetune.families import (  # noqa: E402
+from core.families import (  # noqa: E402
     WEIGHT_PATTERNS,
     Family,
     detect_family,
     load_model,
     load_tokenizer,
     read_config,
+    torch_dtype,
 )
-from finetune.safe_io import TMP_MARK  # noqa: E402
+from core.safe_io import TMP_MARK  # noqa: E402
 from model.allocator import keep_freed_memory  # noqa: E402
 
 LOAD_COUNT = 0  # how many models this process loaded (the app must load one once)
@@ -100,7 +101,6 @@ def pick_device(device: str | None) -> str:
 
 def load_merged(path: str | Path, device: str | None = None, dtype: str | None = None) -> LoadedModel:
     """Load a merged model dir: cuda -> fp16, cpu -> fp32 unless dtype is given."""
-    import torch
 
     global LOAD_COUNT
     path = Path(path)
@@ -115,14 +115,14 @@ def load_merged(path: str | Path, device: str | None = None, dtype: str | None =
         raise ModelLoadError(f"{path}: config.json has no model_type; unknown model family")
     device = pick_device(device)
     dtype = dtype or ("fp16" if device.startswith("cuda") else "fp32")
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    dtype_of_weights = torch_dtype(dtype)
     started = time.time()
     try:
         tokenizer = load_tokenizer(path, family)
-        model = load_model(path, family, torch_dtype=torch_dtype)
+        model = load_model(path, family, torch_dtype=dtype_of_weights)
     except Exception as err:  # noqa: BLE001 - surface as one clear message, not a traceback
         raise ModelLoadError(f"could not load {path} as a {family.name} model: {type(err).__name__}: {err}") from None
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    model = model.to(device=device, dtype=dtype_of_weights).eval()
     tokenizer.padding_side = "left"  # batched generation continues every row from its last real token
     # On a CPU the KV cache lives in process memory: see model.allocator for why and what it costs.
     allocator = " (glibc keeps freed memory)" if device == "cpu" and keep_freed_memory() else ""

@@ -12,8 +12,8 @@ import json
 import re
 from dataclasses import dataclass, field
 
-# The training answer's format, defined once with the dataset (finetune.data imports no torch at module level).
-from finetune.data import JSON_FENCE_CLOSE, JSON_FENCE_OPEN, TRIPLE_KEYS
+# The training answer's format, defined once with the dataset format (core.dataset is pure: no torch).
+from core.dataset import JSON_FENCE_CLOSE, JSON_FENCE_OPEN, TRIPLE_KEYS
 
 # Long enough for any real answer; beyond it only the start is shown in a warning.
 _SHOWN_CHARS = 60

@@ -11,11 +11,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from finetune.data import truncate_prompt
+from core.dataset import CLASSIFICATION, EXTRACTION, TASKS, truncate_prompt
 from model import confidence, decoding, grammar, vocab
 from model.load import LoadedModel
 from model.parsing import Triple, format_category, parse_category, parse_triples
-from model.prompts import CLASSIFICATION, EXTRACTION, TASKS, build_prompt, is_blank
+from model.prompts import build_prompt, is_blank
 
 DEFAULT_MAX_NEW_TOKENS = {CLASSIFICATION: 16, EXTRACTION: 300}
 MAX_TEXT_CHARS = 2000  # longer texts are cut (with a warning) before prompting
@@ -51,6 +51,8 @@ class Answer:
     ids: list[int] = field(default_factory=list)
     # (answer index, log-probability) of each token chosen among several allowed; None: unconstrained.
     choices: list[tuple[int, float]] | None = field(default=None, compare=False)
+    # How many characters of the text the model saw (seen_text); None: all of them.
+    seen_chars: int | None = None
 
 
 def max_new_tokens_for(schema: dict, task: str) -> int:
@@ -60,10 +62,31 @@ def max_new_tokens_for(schema: dict, task: str) -> int:
 
 
 def prompt_ids(lm: LoadedModel, text: str, task: str, phrasing: str | None = None) -> list[int]:
-    """Token ids a generate() call starts from, cut the way training cut long prompts."""
+    """Token ids a generate() call starts from. Pass the text through seen_text first: then nothing is cut
+    here (the token cut training used is left only for a template that alone exceeds max_source_len)."""
     ids = lm.tokenizer.encode(build_prompt(lm.schema, text, task, phrasing), add_special_tokens=False)
     ids = truncate_prompt(ids, int(lm.schema.get("max_source_len", len(ids))))
     return lm.family.build_generation_ids(lm.tokenizer, ids)
+
+
+def seen_text(lm: LoadedModel, text: str, task: str, phrasing: str | None = None) -> str:
+    """The text as the model will see it: all of it when its prompt fits the schema's max_source_len tokens,
+    else its longest start whose prompt does. The triple constraint is given this same text, so every span
+    the decoder copies comes from words the model read (a token cut in the middle, as training cuts, would
+    let it copy from a part the model never saw)."""
+    limit = lm.schema.get("max_source_len")
+
+    def fits(chars: int) -> bool:
+        prompt = build_prompt(lm.schema, text[:chars], task, phrasing)
+        return len(lm.tokenizer.encode(prompt, add_special_tokens=False)) <= int(limit)
+
+    if limit is None or fits(len(text)) or not fits(1):
+        return text
+    fitting, too_long = 1, len(text)  # binary search: a few encodes, only for over-long texts
+    while too_long - fitting > 1:
+        middle = (fitting + too_long) // 2
+        fitting, too_long = (middle, too_long) if fits(middle) else (fitting, middle)
+    return text[:fitting].rstrip()
 
 
 def clean_text(text: object) -> tuple[str | None, list[str], str | None]:
@@ -114,7 +137,8 @@ def generate_answers(
     budget = max_new_tokens or max_new_tokens_for(lm.schema, task)
     end_id = lm.family.end_token_id(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
-    rows = [prompt_ids(lm, text, task, phrasing) for text in texts]
+    seen = [seen_text(lm, text, task, phrasing) for text in texts]
+    rows = [prompt_ids(lm, text, task, phrasing) for text in seen]
     max_triples = int(lm.schema.get("max_triples") or 16)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
     answers: list[Answer] = [Answer("", False)] * len(rows)
@@ -126,7 +150,7 @@ def generate_answers(
                 constraints = [
                     grammar.CategoryConstraint(lm.schema["labels"])
                     if task == CLASSIFICATION
-                    else grammar.TripleConstraint(lm.schema, vocab.text_view(tok, texts[i]), max_triples=max_triples)
+                    else grammar.TripleConstraint(lm.schema, vocab.text_view(tok, seen[i]), max_triples=max_triples)
                     for i in chunk
                 ]
                 generated = decoding.constrained_generate_scored(
@@ -140,7 +164,8 @@ def generate_answers(
                     )
                 ]
         for i, g in zip(chunk, generated, strict=True):
-            answers[i] = Answer(vocab.decode_answer(tok, g.ids), len(g.ids) >= budget, g.ids, g.choices)
+            cut = len(seen[i]) if seen[i] != texts[i] else None
+            answers[i] = Answer(vocab.decode_answer(tok, g.ids), len(g.ids) >= budget, g.ids, g.choices, cut)
         if on_batch:
             on_batch(len(chunk))
     return answers
@@ -157,6 +182,7 @@ def score_answer(lm: LoadedModel, text: str, task: str, answer_ids: Sequence[int
     tok = lm.tokenizer
     end_id = lm.family.end_token_id(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
+    text = seen_text(lm, text, task)
     constraint = (grammar.CategoryConstraint(lm.schema["labels"]) if task == CLASSIFICATION
                   else grammar.TripleConstraint(lm.schema, vocab.text_view(tok, text),
                                                 max_triples=int(lm.schema.get("max_triples") or 16)))
@@ -258,6 +284,9 @@ def predict(
         for i, got in zip(valid, answers, strict=True):
             pred, answer = predictions[i], got.text
             pred.raw[task], pred.hit_limit[task] = answer, got.hit_limit
+            if got.seen_chars is not None:
+                pred.warnings.append(f"{task}: the prompt allows {lm.schema['max_source_len']} tokens, so the model "
+                                     f"read the first {got.seen_chars} of {len(pred.text)} characters")
             if task == CLASSIFICATION:
                 parsed = parse_category(answer, lm.schema["labels"])
                 pred.category = parsed.label

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import unicodedata
 
-# One definition, in the dataset format (finetune.data imports torch only inside the collator, so this module
-# stays importable without torch; tests/model/test_prompts.py checks it).
-from finetune.data import CLASSIFICATION, EXTRACTION, TASKS  # noqa: F401 - re-exported for model/ and the app
+# One definition, in the dataset format (core.dataset is pure, so this module stays importable without torch;
+# tests/model/test_prompts.py checks it).
+from core.dataset import TASKS
 
 
 def _prompt_section(schema: dict) -> dict:
     """schema["prompt"], checked to hold a template, an instruction and the phrasings."""
     prompt = schema.get("prompt") if isinstance(schema, dict) else None
     if not isinstance(prompt, dict):
-        raise ValueError("schema has no 'prompt' section: was it written by finetune.data.derive_schema?")
+        raise ValueError("schema has no 'prompt' section: was it written by core.dataset.derive_schema?")
     missing = [key for key in ("template", "instruction", "phrasings") if key not in prompt]
     if missing:
-        raise ValueError(f"schema['prompt'] lacks {missing}: was it written by finetune.data.derive_schema?")
+        raise ValueError(f"schema['prompt'] lacks {missing}: was it written by core.dataset.derive_schema?")
     return prompt
 
 

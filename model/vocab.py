@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from finetune.data import JSON_FENCE_OPEN
+from core.dataset import JSON_FENCE_OPEN
 from model.grammar import INF
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from app_support.evaluation import (
 from app_support.plots import confusion_figure
 from app_support.settings import DEV_FILE, HEADLINE_METRICS, format_metric, user_message, writes_allowed
 from app_support.ui import page_setup, require_model
-from finetune.data import TRAIN_FILE, DataError, read_jsonl
+from core.dataset import TRAIN_FILE, DataError, read_jsonl
 
 DEV, UPLOAD = "验证集 dev file", "上传 jsonl upload a jsonl"
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from finetune.data import DEV_FILE, TRAIN_FILE  # noqa: E402
+from core.dataset import DEV_FILE, TRAIN_FILE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.config import parse_config
-from finetune.safe_io import atomic_write
+from core.config import parse_config
+from core.safe_io import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_PRESET = ROOT / "finetune" / "configs" / "demo_cpu.yaml"

@@ -23,7 +23,7 @@ UPLOAD = '[data-testid="stFileUploader"] input[type="file"]'
 
 
 def write_input(path: Path, rows: int) -> None:
-    from finetune.data import read_jsonl
+    from core.dataset import read_jsonl
 
     texts = [e.text for e in read_jsonl(ROOT / "data" / "mixed_dev_dataset.jsonl") if e.task == "classification"]
     with path.open("w", encoding="utf-8", newline="") as handle:

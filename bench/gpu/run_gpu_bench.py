@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from finetune.config import parse_config
+from core.config import parse_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -127,7 +127,7 @@ def random_model(cfg: GpuBenchConfig, device, dtype):
 
 
 def train_config(cfg: GpuBenchConfig, base_model: str):
-    from finetune.config import load_yaml
+    from core.config import load_yaml
     from finetune.train import TrainConfig
 
     values = load_yaml(ROOT / cfg.train_config, TrainConfig)
@@ -168,9 +168,10 @@ def stand_in_batch(cfg: GpuBenchConfig, vocab: int, batch: int, device):
 
 def real_batches(cfg: GpuBenchConfig, tokenizer, family, tcfg):
     """A batch maker over the real training rows, median-length rows first, padded as the collator does."""
+    from core import dataset
     from finetune import data as D
 
-    rows = D.load_split(cfg.data_dir, "train")
+    rows = dataset.load_split(cfg.data_dir, "train")
     feats = D.tokenize_examples(rows, tokenizer, family, tcfg.max_source_len, tcfg.max_target_len)
     feats.sort(key=lambda f: len(f["input_ids"]))
     mid = len(feats) // 2
@@ -317,7 +318,7 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     import torch
 
-    from finetune.families import CAUSAL, family_of_dir, load_tokenizer
+    from core.families import CAUSAL, family_of_dir, load_tokenizer
 
     started = time.perf_counter()
     device, dtype, precision = pick_device(cfg)
@@ -362,7 +363,7 @@ def main(argv=None) -> dict:
         torch.cuda.empty_cache()
     prompt_ids = None
     if cfg.model_dir:  # a real prompt in the training layout, through the family's special tokens
-        from finetune.data import PROMPT_TEMPLATE
+        from core.dataset import PROMPT_TEMPLATE
 
         context = PROMPT_TEMPLATE.format(instruction="你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。",
                                          phrasing="下面句子包含了哪些三元组，用json列表的形式回答。",

@@ -14,7 +14,7 @@ from app_support.evaluation import (
     task_counts,
     wrong_rows,
 )
-from finetune.data import DataError
+from core.dataset import DataError
 from model.metrics import classification_metrics, triple_metrics
 from model.parsing import Triple
 

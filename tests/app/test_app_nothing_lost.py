@@ -7,7 +7,7 @@ import pytest
 from app_support.batch import check_upload
 from app_support.evaluation import load_examples
 from app_support.settings import ALLOW_WRITES_ENV, user_message, writes_allowed
-from finetune.data import DataError
+from core.dataset import DataError
 from model.label import LabelError
 
 

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from finetune.data import DEV_FILE, TRAIN_FILE, read_jsonl
-from finetune.families import CHATGLM, CHATGLM2, family_of_dir, load_model, load_tokenizer
+from core.dataset import DEV_FILE, TRAIN_FILE, read_jsonl
+from core.families import CHATGLM, CHATGLM2, family_of_dir, load_model, load_tokenizer
 from model import evaluate, grammar_check, label
 from model.load import load_merged
 from model.predict import answer_confidence, generate_answers, predict, score_answer
@@ -111,7 +111,7 @@ def test_batched_predictions_equal_one_at_a_time(kind, double_merged, small_data
 @pytest.mark.parametrize("kind", DOUBLES)
 def test_every_gold_answer_passes_the_grammar(kind, double_base, data_dir):
     """Teacher-forced, train and dev: 100% of the answers the grammar can hold by design."""
-    from finetune.data import derive_schema
+    from core.dataset import derive_schema
 
     base = double_base(kind)
     family = family_of_dir(base)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from finetune.data import DEV_FILE, TRAIN_FILE
+from core.dataset import DEV_FILE, TRAIN_FILE
 
 HERE = Path(__file__).resolve().parent
 KINDS = {"chatglm_v1": "chatglm_v1", "chatglm2": "chatglm_v2", "chatglm3": "chatglm_v2"}

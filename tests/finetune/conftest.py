@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import TRAIN_FILE
+from core.dataset import TRAIN_FILE
 
 
 @pytest.fixture()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import parse_config
+from core.config import parse_config
 from finetune.train import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "finetune" / "configs").glob("*.yaml"))

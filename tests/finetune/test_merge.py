@@ -143,7 +143,7 @@ def test_a_corrupt_train_config_is_named_not_a_traceback(nonzero_run, tmp_path):
 
 
 def test_a_second_merge_into_the_same_folder_is_refused_naming_the_first(nonzero_run, tmp_path):
-    from finetune.safe_io import OutputLock
+    from core.safe_io import OutputLock
 
     target = tmp_path / "m"
     with OutputLock(target, "finetune.merge"), pytest.raises(SystemExit, match=f"pid {os.getpid()}"):

@@ -3,8 +3,8 @@
 import json
 from types import SimpleNamespace
 
+from core.dataset import CLASSIFICATION, EXTRACTION, load_split
 from finetune import sample_decode
-from finetune.data import CLASSIFICATION, EXTRACTION, load_split
 from model.parsing import Triple
 from model.predict import Prediction
 

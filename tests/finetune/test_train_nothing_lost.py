@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from core.dataset import TRAIN_FILE
+from core.safe_io import OutputLock
 from finetune import train
-from finetune.data import TRAIN_FILE
-from finetune.safe_io import OutputLock
 from tests.finetune.test_train import adapter_weights, read_log, run_args
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from finetune.data import CLASSIFICATION, EXTRACTION, load_split
+from core.dataset import CLASSIFICATION, EXTRACTION, load_split
 from model import confidence
 from model.decoding import constrained_generate_scored
 from model.grammar import TripleConstraint

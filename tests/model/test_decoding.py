@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from finetune.data import (
+from core.dataset import (
     CLASSIFICATION,
     EXTRACTION,
     JSON_FENCE_CLOSE,
@@ -21,7 +21,7 @@ from finetune.data import (
     derive_schema,
     load_split,
 )
-from finetune.families import CAUSAL
+from core.families import CAUSAL
 from finetune.tiny import SPECIAL_TOKENS, TinyConfig, build_tiny, corpus_chars, wrap_tokenizer
 from model.decoding import (
     GrammarLogitsProcessor,

@@ -55,7 +55,7 @@ def test_bad_data_file_is_named(merged_model, tmp_path):
 
 
 def fake_rows():
-    from finetune.data import Example
+    from core.dataset import Example
 
     cls = Example(context="", target='["酒店"]', task="classification", instruction="", phrasing="p1",
                   text="房间干净", answer=["酒店"], line=1)
@@ -120,7 +120,7 @@ def test_data_prompts_ask_each_row_with_its_own_phrasing(monkeypatch):
 
 
 def test_the_category_baseline_learns_from_the_training_rows(data_dir):
-    from finetune.data import read_jsonl
+    from core.dataset import read_jsonl
     from model.baseline import baseline_labels
 
     train = read_jsonl(data_dir / "mixed_train_dataset.jsonl")

@@ -102,7 +102,7 @@ def run(tmp_path: Path, input_path: Path, predict_fn=fake_predict, name: str = "
 @pytest.fixture(scope="module")
 def dev_texts(data_dir) -> list[str]:
     """Dev sentences that GBK can encode (so the same rows can be written in all three encodings)."""
-    from finetune.data import load_split
+    from core.dataset import load_split
 
     texts = []
     for example in load_split(data_dir, "dev"):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from finetune.safe_io import OutputBusy, OutputLock, atomic_write, lock_path
+from core.safe_io import OutputBusy, OutputLock, atomic_write, lock_path
 from model import evaluate, label
 from model.label import LabelError
 from model.predict import clean_text
@@ -20,7 +20,7 @@ from tests.model.test_label import ROOT, big_csv, driver_cmd, fake_predict, read
 
 HOLD_LOCK = """
 import sys, time
-from finetune.safe_io import OutputLock
+from core.safe_io import OutputLock
 with OutputLock(sys.argv[1], "holder"):
     print("locked", flush=True)
     time.sleep(60)

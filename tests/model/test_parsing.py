@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import data
+from core import dataset
 from model.parsing import (
     ParsedCategory,
     ParsedTriples,
@@ -41,8 +41,8 @@ DIRECTOR_JSON = STAR_JSON.replace("主演", "导演")
 
 
 @pytest.fixture(scope="module")
-def train(data_dir) -> list[data.Example]:
-    return data.load_split(data_dir, "train")
+def train(data_dir) -> list[dataset.Example]:
+    return dataset.load_split(data_dir, "train")
 
 
 def fenced(body: str) -> str:
@@ -82,8 +82,8 @@ def test_format_triples_exact_string():
 
 
 def test_every_training_target_round_trips(train):
-    extraction = [ex for ex in train if ex.task == data.EXTRACTION]
-    classification = [ex for ex in train if ex.task == data.CLASSIFICATION]
+    extraction = [ex for ex in train if ex.task == dataset.EXTRACTION]
+    classification = [ex for ex in train if ex.task == dataset.CLASSIFICATION]
     assert (len(extraction), len(classification)) == (500, 402)
     for ex in extraction:
         parsed = parse_triples(ex.target)
@@ -95,9 +95,9 @@ def test_every_training_target_round_trips(train):
 
 
 def test_every_training_target_parses_clean_against_its_schema_and_text(train):
-    schema = data.derive_schema(train)
+    schema = dataset.derive_schema(train)
     for ex in train:
-        if ex.task == data.CLASSIFICATION:
+        if ex.task == dataset.CLASSIFICATION:
             assert parse_category(ex.target, schema["labels"]) == ParsedCategory(ex.answer[0], [])
             continue
         parsed = parse_triples(ex.target, schema, ex.text)

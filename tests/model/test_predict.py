@@ -2,9 +2,10 @@
 
 import pytest
 
-from finetune.data import CLASSIFICATION, EXTRACTION, load_split
+from core.dataset import CLASSIFICATION, EXTRACTION, load_split
 from model.load import load_merged
 from model.predict import predict
+from model.prompts import build_prompt
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,46 @@ def test_empty_and_long_texts_never_raise(lm):
     assert any("cut" in w for w in preds[3].warnings)
 
 
+def test_the_triple_constraint_reads_exactly_the_text_the_model_read(lm, texts, monkeypatch):
+    """A text whose prompt exceeds max_source_len is cut at its end to the longest start whose prompt fits,
+    and the triple constraint is given that same start: the decoder copies no span from words the model
+    never saw (a token cut in the middle, as training cuts, hid the middle from the model only)."""
+    from model import grammar, vocab
+    from model.predict import seen_text
+
+    def prompt_tokens(text):
+        return len(lm.tokenizer.encode(build_prompt(lm.schema, text, EXTRACTION), add_special_tokens=False))
+
+    limit = lm.schema["max_source_len"]
+    long_text = "".join(ch for ch in "".join(texts[6:]) * 10 if not ch.isspace())[:1900]
+    assert prompt_tokens(long_text) > limit
+    seen = seen_text(lm, long_text, EXTRACTION)
+    assert long_text.startswith(seen)
+    assert prompt_tokens(seen) <= limit < prompt_tokens(long_text[: len(seen) + 1])
+    assert seen_text(lm, texts[6], EXTRACTION) == texts[6]  # a prompt that fits is not touched
+
+    given = []
+
+    class Recording(grammar.TripleConstraint):
+        def __init__(self, schema, text, **kwargs):
+            given.append(text)
+            super().__init__(schema, text, **kwargs)
+
+    monkeypatch.setattr(grammar, "TripleConstraint", Recording)
+    pred = predict(lm, [long_text, texts[6]], tasks=(EXTRACTION,), batch_size=2)
+    assert sorted(given) == sorted(vocab.text_view(lm.tokenizer, t) for t in (seen, texts[6]))
+    assert f"extraction: the prompt allows {limit} tokens, so the model read the first {len(seen)} of " \
+           f"{len(long_text)} characters" in pred[0].warnings
+    assert not any("read the first" in w for w in pred[1].warnings)
+    assert all(t.subject in seen and t.object in seen for t in pred[0].triples)
+
+
 def test_chatglm_batches_use_the_tokenizers_own_masks_and_positions():
     """ChatGLM-6B v1 drops a 0/1 mask and would attend to pads: its tokenizer's pad() builds the 4D
     mask and 2D positions, and predict passes both on (tested with a double of that tokenizer)."""
     import torch
 
-    from finetune.families import CAUSAL, CHATGLM
+    from core.families import CAUSAL, CHATGLM
     from model.predict import left_padded_batch
 
     class PaddingDouble:

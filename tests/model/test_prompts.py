@@ -6,18 +6,19 @@ import copy
 
 import pytest
 
-from finetune import data
-from model.prompts import TASKS, build_prompt, default_phrasing
+from core import dataset
+from core.dataset import TASKS
+from model.prompts import build_prompt, default_phrasing
 
 
 @pytest.fixture(scope="module")
-def train(data_dir) -> list[data.Example]:
-    return data.load_split(data_dir, "train")
+def train(data_dir) -> list[dataset.Example]:
+    return dataset.load_split(data_dir, "train")
 
 
 @pytest.fixture(scope="module")
 def schema(train) -> dict:
-    return data.derive_schema(train)
+    return dataset.derive_schema(train)
 
 
 def small_schema() -> dict:
@@ -25,9 +26,9 @@ def small_schema() -> dict:
     return {
         "labels": ["水果", "衣服"],
         "predicates": {"主演": {"subject_type": ["影视作品"], "object_type": ["人物"]}},
-        "triple_keys": list(data.TRIPLE_KEYS),
+        "triple_keys": list(dataset.TRIPLE_KEYS),
         "prompt": {
-            "template": data.PROMPT_TEMPLATE,
+            "template": dataset.PROMPT_TEMPLATE,
             "instruction": "指令。",
             "phrasings": {"classification": ["分类吧：", "另一种说法："], "extraction": ["抽取SPO："]},
         },
@@ -35,15 +36,18 @@ def small_schema() -> dict:
 
 
 def test_the_pure_modules_import_without_torch():
-    """model.prompts/parsing/confidence and finetune.data are pure: the app's light paths and the parsers' tests
+    """model.prompts/parsing/confidence and the core/ ground are pure: the app's light paths and the parsers' tests
     must not pay for (or need) torch."""
     import subprocess
     import sys
+    from pathlib import Path
 
-    code = ("import sys; import model.prompts, model.parsing, model.confidence, finetune.data; "
+    pure = "model.prompts, model.parsing, model.confidence, finetune.data, core.dataset, core.families, core.config"
+    pure += ", core.safe_io"
+    code = (f"import sys; import {pure}; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=data.Path(__file__).resolve().parents[2])
+                         cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
     assert TASKS == ("classification", "extraction")
 
@@ -57,7 +61,7 @@ def test_every_training_row_rebuilds_its_context_exactly(train, schema):
 def test_every_training_row_round_trips_through_split_context(train, schema):
     # The prompt serving builds must be read back by the training parser as the same parts.
     for ex in train:
-        parts = data.split_context(build_prompt(schema, ex.text, ex.task, ex.phrasing))
+        parts = dataset.split_context(build_prompt(schema, ex.text, ex.task, ex.phrasing))
         assert parts == {"instruction": ex.instruction, "phrasing": ex.phrasing, "text": ex.text}
 
 
@@ -152,6 +156,6 @@ def test_build_prompt_does_not_mutate_schema():
 
 def test_every_dev_row_rebuilds_its_context_with_the_train_schema(schema, data_dir):
     # Serving uses the schema saved at training time; dev rows must come out identical with it.
-    dev = data.load_split(data_dir, "dev")
+    dev = dataset.load_split(data_dir, "dev")
     assert len(dev) == 122
     assert [ex.line for ex in dev if build_prompt(schema, ex.text, ex.task, ex.phrasing) != ex.context] == []

@@ -124,6 +124,16 @@ def load_tokenizer(model_dir: str | Path, family: Family):
     )
 
 
+DTYPE_NAMES = ("fp16", "bf16", "fp32")
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a precision name of our CLIs ('fp16', 'bf16', 'fp32')."""
+    import torch  # here, so this module stays importable from pure code
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def load_model(model_dir: str | Path, family: Family, torch_dtype=None):
     from transformers import AutoModel, AutoModelForCausalLM
 

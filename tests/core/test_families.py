@@ -5,8 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from core import dataset, families
+from core.families import CAUSAL, CHATGLM, CHATGLM2, detect_family
 from finetune import data as D
-from finetune.families import CAUSAL, CHATGLM, CHATGLM2, detect_family
 
 GMASK, SOP, EOP, PAD = 130001, 130004, 130005, 3
 
@@ -36,7 +37,7 @@ class ChatGLM2TokenizerDouble(ChatGLM6BTokenizerDouble):
 
 @pytest.fixture(scope="module")
 def examples(data_dir):
-    return D.load_split(data_dir, "train")
+    return dataset.load_split(data_dir, "train")
 
 
 @pytest.mark.parametrize("max_source, max_target", [(400, 300), (50, 30), (20, 5), (8, 2)])
@@ -48,7 +49,7 @@ def test_chatglm_v1_layout_survives_truncation(examples, max_source, max_target)
         assert ids.count(GMASK) == 1 and ids.count(SOP) == 1  # the model locates <sop> in every row
         sop = ids.index(SOP)
         assert ids[sop - 1] == GMASK
-        assert all(label == D.IGNORE_INDEX for label in labels[: sop + 1])  # prompt, [gMASK], <sop>
+        assert all(label == families.IGNORE_INDEX for label in labels[: sop + 1])  # prompt, [gMASK], <sop>
         answer = tok.encode(ex.target, add_special_tokens=False)
         assert labels[sop + 1] == answer[0]  # the first target is the first answer token
         assert labels[-1] == EOP and ids[-1] == EOP
@@ -64,7 +65,7 @@ def test_chatglm2_layout_prefix_then_prompt_then_answer_then_eos():
     tok = ChatGLM2TokenizerDouble()
     ids, labels = CHATGLM2.build_training_ids(tok, [50, 51], [60, 61])
     assert ids == [64790, 64792, 50, 51, 60, 61, 2]
-    assert labels == [D.IGNORE_INDEX] * 4 + [60, 61, 2]
+    assert labels == [families.IGNORE_INDEX] * 4 + [60, 61, 2]
     assert CHATGLM2.build_generation_ids(tok, [50]) == [64790, 64792, 50]
 
 
