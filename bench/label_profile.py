@@ -63,7 +63,7 @@ def feed_policies(lm, texts: list[str]) -> dict:
 
             def run(self, *args, totals=totals):
                 result = original_run(self, *args)
-                totals.update(passes=self.passes, fed=self.fed, padding=self.padding)
+                totals.update(passes=self.stats.passes, fed=self.stats.fed, padding=self.stats.padding)
                 return result
 
             decoder_class.__init__, decoder_class.run = init, run
@@ -83,7 +83,7 @@ def time_split(lm, texts: list[str]) -> dict:
     from model.predict import predict
 
     decoder_class = jump_forward.JumpForwardDecoder
-    original = decoder_class._forward
+    original = decoder_class.forward
     split = collections.Counter()
 
     def forward(self, ids, mask, past):
@@ -94,7 +94,7 @@ def time_split(lm, texts: list[str]) -> dict:
         split["prompt passes" if first or past is None else "decode passes"] += time.perf_counter() - started
         return result
 
-    decoder_class._forward = forward
+    decoder_class.forward = forward
     try:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         started = time.perf_counter()
@@ -102,7 +102,7 @@ def time_split(lm, texts: list[str]) -> dict:
         total = time.perf_counter() - started
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     finally:
-        decoder_class._forward = original
+        decoder_class.forward = original
     split["rest"] = total - sum(split.values())
     return {"total": total, "split": dict(split), "minor_faults": faults}
 

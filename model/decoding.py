@@ -15,8 +15,9 @@ How it works
   cached per tokenizer). Each step, a DFS walks the trie and the automaton together, so it visits
   only token strings that are valid continuations and collects exactly the allowed token ids
   (with the state each would lead to); every other logit becomes -inf.
-- Rows are advanced incrementally with the state recorded for the chosen token; nothing is
-  re-decoded.
+- Each row's state, answer tokens and confidence record live in one `RowMatcher` (model.matcher),
+  advanced with the state recorded for the chosen token (nothing is re-decoded) and driven by both
+  paths: `GrammarLogitsProcessor` inside HF generate(), and the jump-forward loop.
 - Budget: `Automaton.cost(state)` is an upper bound on the tokens still needed to finish (before
   the end token) that is reachable one token at a time: each literal piece costs the fewest tokens
   that spell it (DP over the trie), a span costs one single-character token per character. A token
@@ -31,77 +32,60 @@ How it works
   without a forward pass of their own; each pass feeds a row's chosen token plus the forced run
   after it. With a char vocabulary it picks exactly the tokens of token-by-token decoding. The prompt
   prefix the rows share (instruction and phrasing) runs once, its KV cache kept for the next batches
-  and calls (`PrefixCache`). ChatGLM
+  and calls (model.prefix_cache). ChatGLM
   (2D positions and masks built from <sop> in its remote code) and calls with generate() options
   keep HF generate() with GrammarLogitsProcessor, one token per pass (`jump_forward=False` forces it).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from model.confidence import constrained_logprobs
-from model.grammar import INF, Automaton, Constraint, State
+from model.grammar import INF, Constraint
 from model.jump_forward import JumpForwardDecoder
-from model.vocab import IDS, vocab_for
+from model.matcher import RowMatcher, row_matchers
 
 # --------------------------------------------------------------------------- logits processor
 
 
 class GrammarLogitsProcessor(LogitsProcessor):
-    """Masks every token that would leave a row's automaton, or its budget, to -inf.
+    """HF generate()'s side of the rows' matchers (model.matcher): masks every token that would leave a row's
+    automaton, or its budget, to -inf, and hands each chosen token to its row's matcher.
 
-    One constraint per batch row (greedy or sampling, no beams); prompt_length is the padded
-    prompt width, so the row's generated tokens are input_ids[:, prompt_length:].
+    One matcher per batch row (greedy or sampling, no beams); prompt_length is the padded prompt width, so the
+    row's generated tokens are input_ids[:, prompt_length:].
     """
 
-    def __init__(
-        self,
-        tokenizer,
-        constraints: list[Constraint],
-        prompt_length: int,
-        max_new_tokens: int,
-        end_token_id: int,
-    ):
-        self.vocab = vocab_for(tokenizer)
-        self.automata = [c.automaton(self.vocab) for c in constraints]
-        self.states: list[State | None] = [a.initial() for a in self.automata]  # None: row is finished
-        self.pending: list[dict[int, State]] = [{} for _ in constraints]
-        self.counts = [0] * len(constraints)  # tokens each row has generated so far
+    def __init__(self, matchers: list[RowMatcher], prompt_length: int):
+        self.matchers = matchers
         self.prompt_length = prompt_length
-        self.max_new_tokens = max_new_tokens
-        self.end_token_id = end_token_id
         self.consumed = 0
-        # Confidence: per row, (answer index, log-probability under the constraint) of every token chosen
-        # among several allowed ones; a forced token (one allowed) has probability 1 and is not listed.
-        self.choices: list[list[tuple[int, float]]] = [[] for _ in constraints]
-        self.pending_logprobs: list[dict[int, float]] = [{} for _ in constraints]
-        self.step_seconds: list[float] = []  # wall time of each call, for measurements
+        # Per row, each allowed token's log-probability among the allowed, when the row had a real choice.
+        self.pending_logprobs: list[dict[int, float]] = [{} for _ in matchers]
+
+    @property
+    def choices(self) -> list[list[tuple[int, float]]]:
+        return [m.choices for m in self.matchers]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """scores: (batch, vocab) next-token logits; returns them with every disallowed token at -inf."""
-        started = time.perf_counter()
-        if input_ids.shape[0] != len(self.automata):
-            raise ValueError(f"batch has {input_ids.shape[0]} rows but {len(self.automata)} constraints (no beams)")
-        generated = input_ids.shape[1] - self.prompt_length
-        self._advance(input_ids, generated)
-        remaining = self.max_new_tokens - generated
+        if input_ids.shape[0] != len(self.matchers):
+            raise ValueError(f"batch has {input_ids.shape[0]} rows but {len(self.matchers)} constraints (no beams)")
+        self._advance(input_ids)
         rows: list[int] = []
         cols: list[int] = []
         counts: list[int] = []
-        free_rows = []
-        for row, state in enumerate(self.states):
-            if state is None:
+        live, free_rows = [], []
+        for row, matcher in enumerate(self.matchers):
+            if matcher.done:
                 free_rows.append(row)  # finished: generate() overwrites its token with padding anyway
                 continue
-            self.pending[row] = self._allowed(row, state, remaining)
-            ids = list(self.pending[row])
-            if not ids:  # final state, or no way to finish: the end token is the only move
-                ids = [self.end_token_id]
+            ids = list(matcher.allowed()) or [matcher.end_token_id]  # none: final, or no way on
+            live.append(row)
             rows += [row] * len(ids)
             cols += ids
             counts.append(len(ids))
@@ -109,36 +93,25 @@ class GrammarLogitsProcessor(LogitsProcessor):
         values = scores[index]
         if torch.isneginf(values).any():
             values = _revive(values, counts)
-        self._note_logprobs([row for row, state in enumerate(self.states) if state is not None], cols, values, counts)
+        self._note_logprobs(live, cols, values, counts)
         masked = torch.full_like(scores, -INF)
         masked[index] = values
         masked[free_rows] = scores[free_rows]
-        self.step_seconds.append(time.perf_counter() - started)
         return masked
 
-    def _advance(self, input_ids: torch.LongTensor, generated: int) -> None:
-        """Fold the tokens chosen since the last call into each row's state."""
+    def _advance(self, input_ids: torch.LongTensor) -> None:
+        """Hand the tokens chosen since the last call to each row's matcher."""
+        generated = input_ids.shape[1] - self.prompt_length
         if generated <= self.consumed:
             return
         new = input_ids[:, self.prompt_length + self.consumed : self.prompt_length + generated].tolist()
         for row, tokens in enumerate(new):
+            matcher = self.matchers[row]
             for token in tokens:
-                state = self.states[row]
-                if state is None:
+                if matcher.done:
                     break
-                if token == self.end_token_id:
-                    self.states[row] = None
-                    continue
-                logprob = self.pending_logprobs[row].get(token)
-                if logprob is not None:
-                    self.choices[row].append((self.counts[row], logprob))
+                matcher.accept(token, self.pending_logprobs[row].get(token))
                 self.pending_logprobs[row] = {}
-                self.counts[row] += 1
-                nxt = self.pending[row].get(token)
-                if nxt is None:  # not chosen through this processor (another one overrode it): spell it out
-                    nxt = self.automata[row].feed(state, self.vocab.strings[token] or "\0")
-                self.states[row] = nxt if nxt is not None else None
-                self.pending[row] = {}
         self.consumed = generated
 
     def _note_logprobs(self, rows: list[int], cols: list[int], values: torch.Tensor, counts: list[int]) -> None:
@@ -151,41 +124,15 @@ class GrammarLogitsProcessor(LogitsProcessor):
             start += n
 
     def finish(self, sequences: torch.Tensor) -> None:
-        """Fold the last chosen tokens (generate() returns without a further call) into states and choices."""
-        self._advance(sequences, sequences.shape[1] - self.prompt_length)
+        """Hand over the last chosen tokens (generate() returns without a further call)."""
+        self._advance(sequences)
 
-    def _allowed(self, row: int, state: State, remaining: int) -> dict[int, State]:
-        automaton = self.automata[row]
-        if automaton.is_final(state):
-            return {}
-        # This token and the end token must both still fit after the cheapest way to finish.
-        allowed = self._collect(automaton, state, remaining - 2)
-        if not allowed:
-            # max_new_tokens is below even the shortest answer: still make progress towards it.
-            allowed = self._collect(automaton, state, automaton.cost(state) - 1)
-        if self.counts[row] == 0 and self.vocab.lead_bytes:
-            # The dummy-prefix space comes as the tokenizer writes it: inside a longer first piece ('▁```')
-            # or as the plain '▁' piece (ChatGLM-6B writes '▁', '```', ...), both dropped by decode(); a
-            # byte-fallback space ('<0x20>') would decode to a real space, so it may not open an answer.
-            allowed = {i: st for i, st in allowed.items() if i not in self.vocab.lead_bytes}
-        return allowed
 
-    def _collect(self, automaton: Automaton, state: State, budget: float) -> dict[int, State]:
-        """DFS over the vocabulary trie and the automaton together: token id -> state after it."""
-        out: dict[int, State] = {}
-        stack = [(self.vocab.root, state)]
-        while stack:
-            trie_node, st = stack.pop()
-            for ch, nst in automaton.successors(st, trie_node):
-                child = trie_node[ch]
-                ids = child.get(IDS)
-                if ids and automaton.cost(nst) <= budget:
-                    for token_id in ids:
-                        if token_id != self.end_token_id:
-                            out[token_id] = nst
-                if len(child) > (ids is not None):
-                    stack.append((child, nst))
-        return out
+def grammar_processor(
+    tokenizer, constraints: list[Constraint], prompt_length: int, max_new_tokens: int, end_token_id: int
+) -> GrammarLogitsProcessor:
+    """A GrammarLogitsProcessor over fresh matchers, one per constraint."""
+    return GrammarLogitsProcessor(row_matchers(tokenizer, constraints, max_new_tokens, end_token_id), prompt_length)
 
 
 def _revive(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -294,7 +241,7 @@ def constrained_generate_scored(
     prefix_cache: let jump-forward run the prompt prefix its rows share once (`PrefixCache`); False = each
     row's whole prompt goes through the first pass.
     """
-    processor = GrammarLogitsProcessor(tokenizer, constraints, input_ids.shape[1], max_new_tokens, end_token_id)
+    matchers = row_matchers(tokenizer, constraints, max_new_tokens, end_token_id)
     reason = jump_forward_unsupported(model) or (
         f"generate() options {sorted(generate_kwargs)}" if generate_kwargs else None
     )
@@ -303,9 +250,11 @@ def constrained_generate_scored(
     if jump_forward:
         if reason is not None:
             raise ValueError(f"jump-forward decoding is not available: {reason}")
-        decoder = JumpForwardDecoder(model, processor, max_new_tokens, pad_token_id, prefix_cache=prefix_cache)
-        answers = decoder.run(input_ids, attention_mask)
+        answers = JumpForwardDecoder(model, matchers, pad_token_id, prefix_cache=prefix_cache).run(
+            input_ids, attention_mask
+        )
     else:
+        processor = GrammarLogitsProcessor(matchers, input_ids.shape[1])
         sequences = _generate(
             model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
             logits_processor=LogitsProcessorList([processor]), **generate_kwargs,
@@ -315,7 +264,7 @@ def constrained_generate_scored(
     # A choice past the cut (an end or pad token chosen among others) is not part of the answer.
     return [
         Generated(ids, [(i, lp) for i, lp in choices if i < len(ids)])
-        for ids, choices in zip(answers, processor.choices, strict=True)
+        for ids, choices in zip(answers, (m.choices for m in matchers), strict=True)
     ]
 
 

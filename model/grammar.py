@@ -188,6 +188,17 @@ class Automaton:
         alive = tuple(i for i, o in enumerate(node.options) if not (o.opens_triple and full))
         return State(node_id, 0, alive, "", fields, emitted)
 
+    def literal_rest(self, state: State) -> tuple[str, State] | None:
+        """(the rest of the literal `state` is inside, the state after it), or None outside a literal.
+
+        One node's option at a time (a choice with one live option), so the tokens spent on it are what
+        `cost` charged for that option."""
+        node = self.nodes[state.node]
+        if node.kind != CHOICE or len(state.alive) != 1:
+            return None
+        option = node.options[state.alive[0]]
+        return option.text[state.off :], self._complete(state, option)
+
     def _complete(self, state: State, option: Option) -> State:
         fields = state.fields + (option.value,) if option.value is not None else state.fields
         return self._enter(option.next, fields, state.emitted)

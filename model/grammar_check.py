@@ -62,9 +62,9 @@ def first_rejected(tokenizer, constraint, ids: list[int], end_id: int) -> int | 
     """Index of the first gold token (the end token last) the constraint forbids; None if all pass."""
     import torch
 
-    from model.decoding import GrammarLogitsProcessor
+    from model.decoding import grammar_processor
 
-    processor = GrammarLogitsProcessor(tokenizer, [constraint], 1, 10_000, end_id)
+    processor = grammar_processor(tokenizer, [constraint], 1, 10_000, end_id)
     seq = [0]  # a one-token prompt: the processor only looks at what follows it
     for k, token in enumerate(ids + [end_id]):
         scores = processor(torch.tensor([seq]), torch.zeros(1, max(len(tokenizer), token + 1)))

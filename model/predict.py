@@ -188,7 +188,7 @@ def score_answer(lm: LoadedModel, text: str, task: str, answer_ids: Sequence[int
                                                 max_triples=int(lm.schema.get("max_triples") or 16)))
     input_ids, mask, extra = left_padded_batch(lm, [prompt_ids(lm, text, task)], pad_id)
     budget = max(max_new_tokens_for(lm.schema, task), len(answer_ids) + 1)
-    processor = decoding.GrammarLogitsProcessor(tok, [constraint], input_ids.shape[1], budget, end_id)
+    processor = decoding.grammar_processor(tok, [constraint], input_ids.shape[1], budget, end_id)
     forced = _ForceAnswer([*answer_ids, end_id], input_ids.shape[1])
     try:
         with lm.lock, torch.no_grad():

@@ -7,6 +7,7 @@ automaton (model.grammar) together, so it visits only token strings that are val
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import threading
 import weakref
@@ -15,7 +16,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from core.dataset import JSON_FENCE_OPEN
-from model.grammar import INF
+
+INF = math.inf  # the cost of a string no token sequence spells
 
 if TYPE_CHECKING:
     from model.grammar import Skeleton
