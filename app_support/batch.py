@@ -1,36 +1,41 @@
 """Batch page helpers: an uploaded CSV -> model.label -> labelled CSV bytes (no streamlit here).
 
-The page reuses model.label's reading, column detection and writing, so a CSV labelled in the
-browser is byte-for-byte what `python -m model.label` writes for the same file. model.label works
-on files, so an upload is written to a private temporary folder that lives for one check or run.
+The page reuses model.csv_file's reading, column detection and writing and model.label's run, so a CSV
+labelled in the browser is byte-for-byte what `python -m model.label` writes for the same file. Files are
+what model.label works on, so an upload is written to a private temporary folder that lives for one
+check or run; the check's findings (encoding, header, fingerprint) are kept, so labelling does not
+inspect the file again.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
 import json
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.label import (
+from app_support.uploads import saved_upload
+from model.csv_file import (
     OUTPUT_COLUMNS,
-    LabelConfig,
+    CheckedInput,
     LabelError,
     Source,
     inspect_input,
-    label_csv,
     output_header,
     pick_text_column,
     read_header,
 )
+from model.label import LabelConfig, label_csv
 
 # Rows per model.label chunk. Smaller than the CLI's 256 so the page can show the labelled rows'
 # count move; still several generate() batches per chunk so rows of similar length share one.
 CHUNK_ROWS = 64
+# A fixed name: model.csv_file tells a CSV and its encoding from the bytes, never the name.
+UPLOAD_NAME = "upload.csv"
 PREVIEW_ROWS = 200
 
 
@@ -56,37 +61,22 @@ class Upload:
         return max(1, self.source.line_count - 1)
 
 
-@contextmanager
-def opened_upload(name: str, data: bytes) -> Iterator[Upload]:
-    """The upload saved in a private temp folder and checked as a CSV with a header and rows.
+def check_upload(name: str, data: bytes) -> Upload:
+    """Check an upload once, as a CSV with a header and rows (the page keeps the result; the file is not kept).
 
-    Raises LabelError worded for the user (empty, binary, undecodable, no header, no rows). The
-    folder lives only inside the `with`, so nothing is left behind by a session that goes away.
-    """
-    with tempfile.TemporaryDirectory(prefix="label-upload-") as folder:
-        # A fixed name: model.label tells a CSV and its encoding from the bytes, never the name.
-        path = Path(folder) / "upload.csv"
-        try:
-            path.write_bytes(data)
-        except OSError as err:  # e.g. a full temp folder: say so without the server's paths
-            raise LabelError(f"the server could not store {name} to check it: {err.strerror or err}") from None
+    Raises LabelError worded for the user (empty, binary, undecodable, no header, no rows)."""
+    with saved_upload(name, data, UPLOAD_NAME, LabelError) as path:
         try:
             source = inspect_input(path)
             header, has_rows = read_header(source)
         except LabelError as err:
-            # model.label names the file by its path: show the user's file name, not our temp path.
+            # model.csv_file names the file by its path: show the user's file name, not our temp path.
             raise LabelError(str(err).replace(str(path), name)) from None
-        if not any(column.strip() for column in header):
-            raise LabelError(f"{name}: the first row (the header) is empty; the CSV needs column names")
-        if not has_rows:
-            raise LabelError(f"{name} has a header but no rows to label")
-        yield Upload(name, source, header, guess_column(header))
-
-
-def check_upload(name: str, data: bytes) -> Upload:
-    """Check an upload once (the page keeps the result); the file itself is not kept."""
-    with opened_upload(name, data) as upload:
-        return upload
+    if not any(column.strip() for column in header):
+        raise LabelError(f"{name}: the first row (the header) is empty; the CSV needs column names")
+    if not has_rows:
+        raise LabelError(f"{name} has a header but no rows to label")
+    return Upload(name, source, header, guess_column(header))
 
 
 def guess_column(header: Sequence[str]) -> str | None:
@@ -129,12 +119,12 @@ class BatchResult:
     encoding: str
     column: str
     seconds: float
-    output_columns: list[str]  # the header of csv_bytes: the input's columns + model.label.OUTPUT_COLUMNS
+    output_columns: list[str]  # the header of csv_bytes: the input's columns + model.csv_file.OUTPUT_COLUMNS
     min_confidence: float = 0.0  # triples below it were dropped
 
 
 def label_upload(
-    name: str,
+    upload: Upload,
     data: bytes,
     column: str,
     model_dir: str,
@@ -142,16 +132,22 @@ def label_upload(
     on_progress: Callable[[int, int], None],
     min_confidence: float = 0.0,
 ) -> BatchResult:
-    """Label an upload with model.label.label_csv; predict_batch(texts, on_progress) -> predictions."""
-    with opened_upload(name, data) as upload:
+    """Label the checked upload's bytes with model.label.label_csv; predict_batch(texts, on_progress) -> predictions.
+
+    `data` must be the bytes `check_upload` checked (same fingerprint), so they are not inspected again."""
+    if len(data) != upload.source.size or hashlib.sha256(data).hexdigest() != upload.source.sha256:
+        raise LabelError(f"{upload.name} is not the file that was checked; upload it again")
+    checked_column = pick_text_column(upload.header, column, upload.name)
+    with saved_upload(upload.name, data, UPLOAD_NAME, LabelError) as path:
+        checked = CheckedInput(dataclasses.replace(upload.source, path=path), upload.header, checked_column)
         tracker = RowProgress(upload.estimated_rows, on_progress)
-        output = upload.source.path.with_name("labelled.csv")
-        cfg = LabelConfig(model=model_dir, input=str(upload.source.path), output=str(output), column=column,
+        output = path.with_name("labelled.csv")
+        cfg = LabelConfig(model=model_dir, input=str(path), output=str(output), column=column,
                           chunk_rows=CHUNK_ROWS, min_confidence=min_confidence)
         result = label_csv(
             cfg,
             lambda texts: predict_batch(list(texts), tracker.inside_chunk(len(texts))),
-            source=upload.source,
+            checked=checked,
             log=lambda _message: None,  # the page shows progress and errors itself
             on_progress=tracker.chunk_done,
             show_bar=False,

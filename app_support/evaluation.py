@@ -6,9 +6,9 @@ No streamlit here. The metrics themselves come from model.evaluate.evaluate; thi
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
+from app_support.uploads import saved_upload
 from core.dataset import DataError, Example, read_jsonl
 
 
@@ -19,12 +19,7 @@ def load_examples(path: Path | str | None = None, data: bytes | None = None, nam
     Raises DataError worded for the user (bad lines, no rows, not UTF-8).
     """
     if data is not None:
-        with tempfile.TemporaryDirectory(prefix="eval-upload-") as folder:
-            tmp = Path(folder) / "upload.jsonl"
-            try:
-                tmp.write_bytes(data)
-            except OSError as err:  # e.g. a full temp folder: say so without the server's paths
-                raise DataError(f"the server could not store {name} to read it: {err.strerror or err}") from None
+        with saved_upload(name, data, "upload.jsonl", DataError) as tmp:
             try:
                 examples = _read(tmp)
             except DataError as err:

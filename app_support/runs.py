@@ -68,7 +68,7 @@ def series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def read_config(run_dir: Path | str) -> dict | None:
+def read_train_config(run_dir: Path | str) -> dict | None:
     """train_config.json of a run, or None if missing or unreadable."""
     try:
         data = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))

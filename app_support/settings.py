@@ -8,11 +8,15 @@ import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from core.dataset import DEV_FILE, TRAIN_FILE
+
 DEFAULT_MODEL_DIR = "runs/demo/merged"
 # Uploads bigger than this are refused: a CSV of short comments this size already holds ~200k rows,
 # more than a browser session should label in one go (use `python -m model.label` for those).
 MAX_UPLOAD_MB = 20
-DEV_FILE = "data/mixed_dev_dataset.jsonl"
+# Where `make data` puts the reference dataset (core.dataset names the files).
+DEV_DATA_PATH = f"data/{DEV_FILE}"
+TRAIN_DATA_PATH = f"data/{TRAIN_FILE}"
 
 
 ALLOW_WRITES_ENV = "LABELLER_ALLOW_WRITES"
@@ -72,7 +76,7 @@ def setup_commands(model_dir: Path | str) -> list[str]:
             f"    --base-model /models/chatglm-6b --data-dir data --output-dir {run}",
             f"python -m finetune.merge --run {run}",
             f"python -m model.evaluate --model {quoted} \\",
-            f"    --data {DEV_FILE} --output {shlex.quote(str(model_dir / 'metrics.json'))}",
+            f"    --data {DEV_DATA_PATH} --output {shlex.quote(str(model_dir / 'metrics.json'))}",
             f"streamlit run app.py -- --model {quoted}",
         ]
     # Any other folder: named once in $MODEL, so a long path makes one long line, not five.
@@ -82,7 +86,7 @@ def setup_commands(model_dir: Path | str) -> list[str]:
         "python -m finetune.train --config finetune/configs/chatglm6b_lora.yaml \\",
         "    --base-model /models/chatglm-6b --data-dir data --output-dir runs/NAME",
         'python -m finetune.merge --run runs/NAME --output-dir "$MODEL"',
-        f'python -m model.evaluate --model "$MODEL" --data {DEV_FILE} --output "$MODEL/metrics.json"',
+        f'python -m model.evaluate --model "$MODEL" --data {DEV_DATA_PATH} --output "$MODEL/metrics.json"',
         'streamlit run app.py -- --model "$MODEL"',
     ]
 

@@ -118,3 +118,18 @@ def build_trained_model(
         train.main(["--base-model", str(base), "--data-dir", data_dir, "--output-dir", str(run), *train_args])
         merged = merge.main(["--run", str(run), "--dtype", "fp32"])
     return Path(merged)
+
+
+def refuse_invalid(problems: list[str]) -> None:
+    """Stop with every problem of a benchmark's config at once, before anything slow starts."""
+    if problems:
+        raise SystemExit("invalid benchmark config:\n  - " + "\n  - ".join(problems))
+
+
+def parse_checked(config_class, argv, description: str):
+    """A benchmark's config from flags (core.config.parse_config), checked by its validate()."""
+    from core.config import parse_config
+
+    cfg = parse_config(config_class, argv, description)
+    cfg.validate()
+    return cfg

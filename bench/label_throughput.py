@@ -27,8 +27,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import build_trained_model, machine_line, percentile, print_comparison, set_threads, verdict
-from core.config import parse_config
+from bench.common import (
+    build_trained_model,
+    machine_line,
+    parse_checked,
+    percentile,
+    print_comparison,
+    refuse_invalid,
+    set_threads,
+    verdict,
+)
 
 TARGET_RATIO = 10.0
 BASELINE, OURS = "baseline", "ours"
@@ -61,14 +69,11 @@ class BenchConfig:
             problems.append(f"--n-texts ({self.n_texts}) must be >= --rounds ({self.rounds}) >= 1")
         if self.model and not (Path(self.model) / "schema.json").is_file():
             problems.append(f"--model {self.model}: not a merged model dir (no schema.json)")
-        if problems:
-            raise SystemExit("invalid benchmark config:\n  - " + "\n  - ".join(problems))
+        refuse_invalid(problems)
 
 
 def parse_args(argv=None) -> BenchConfig:
-    cfg = parse_config(BenchConfig, argv, __doc__)
-    cfg.validate()
-    return cfg
+    return parse_checked(BenchConfig, argv, __doc__)
 
 
 # --------------------------------------------------------------------------- the two ways

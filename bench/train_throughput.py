@@ -28,8 +28,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import current_rss_mb, machine_line, peak_rss_mb, print_comparison, set_threads, verdict
-from core.config import parse_config
+from bench.common import (
+    current_rss_mb,
+    machine_line,
+    parse_checked,
+    peak_rss_mb,
+    print_comparison,
+    refuse_invalid,
+    set_threads,
+    verdict,
+)
 
 TARGET_RATIO = 3.0
 BASELINE, OURS = "baseline", "ours"
@@ -67,14 +75,11 @@ class BenchConfig:
             problems.append(f"--steps ({self.steps}) must be a positive multiple of --rounds ({self.rounds})")
         if self.memory_probe not in (None, BASELINE, OURS):
             problems.append(f"--memory-probe must be {BASELINE} or {OURS}")
-        if problems:
-            raise SystemExit("invalid benchmark config:\n  - " + "\n  - ".join(problems))
+        refuse_invalid(problems)
 
 
 def parse_args(argv=None) -> BenchConfig:
-    cfg = parse_config(BenchConfig, argv, __doc__)
-    cfg.validate()
-    return cfg
+    return parse_checked(BenchConfig, argv, __doc__)
 
 
 # --------------------------------------------------------------------------- setup (shared by both ways)

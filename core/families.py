@@ -70,7 +70,7 @@ def detect_family(config) -> Family:
     return CAUSAL
 
 
-def read_config(model_dir: str | Path):
+def read_model_config(model_dir: str | Path):
     """Read config.json of a local model dir without running any remote code."""
     from transformers import PretrainedConfig
 
@@ -82,7 +82,7 @@ def read_config(model_dir: str | Path):
 
 
 def family_of_dir(model_dir: str | Path) -> Family:
-    return detect_family(read_config(model_dir))
+    return detect_family(read_model_config(model_dir))
 
 
 # The directory whose remote code each transformers_modules.<dir name> package was imported from.

@@ -24,7 +24,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,54 +57,34 @@ class DemoConfig:
     seed: int = 0
 
 
-class LogTail:
-    """Prints new train_log.jsonl records as one line each while training runs.
+def progress_line(step: int, total: int, logs: dict, elapsed: float) -> str:
+    """One logging event as the demo prints it: step/total, loss, eval loss, lr, time spent and left."""
+    parts = [f"step {step}" + (f"/{total}" if total else "")]
+    names = {"loss": "loss", "eval_loss": "eval_loss", "learning_rate": "lr"}
+    parts += [f"{short} {logs[key]:.4g}" for key, short in names.items() if key in logs]
+    if total and step:
+        parts.append(f"{elapsed / 60:.1f} min, ~{elapsed * (total - step) / step / 60:.1f} min left")
+    return ", ".join(parts)
 
-    Trainer's own progress bar is off when output is not a terminal (make demo > log, CI); then this
-    is the only sign of life during the longest step.
-    """
 
-    def __init__(self, path: Path, total_steps: int | None, every_s: float = 20.0):
-        self.path, self.total, self.every = path, total_steps, every_s
-        self.started = time.time()
-        self.seen = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+def progress_callback():
+    """A TrainerCallback printing each logging event as one line (`progress_line`), with the Trainer's own step
+    count and total. Trainer's progress bar is off when output is not a terminal (make demo > log, CI); then
+    this is the only sign of life during the longest step."""
+    from transformers import TrainerCallback
 
-    def __enter__(self) -> LogTail:
-        self.thread.start()
-        return self
+    class PrintProgress(TrainerCallback):
+        started = time.time()
 
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self._print_new()
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.time()
 
-    def _run(self) -> None:
-        while not self.stop.wait(self.every):
-            self._print_new()
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                line = progress_line(state.global_step, state.max_steps, logs, time.time() - self.started)
+                print("  " + line, flush=True)
 
-    def _print_new(self) -> None:
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            return
-        for line in lines[self.seen :]:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                return  # half-written: read it next time
-            self.seen += 1
-            step = record.get("step")
-            if not isinstance(step, int):
-                continue
-            parts = [f"step {step}" + (f"/{self.total}" if self.total else "")]
-            parts += [f"{key} {record[key]:.4g}" for key in ("loss", "eval_loss", "lr") if key in record]
-            # The record's own time: a batch of records printed late must not share one "now".
-            elapsed = float(record.get("time", time.time())) - self.started
-            if self.total and step:
-                parts.append(f"{elapsed / 60:.1f} min, ~{elapsed * (self.total - step) / step / 60:.1f} min left")
-            print("  " + ", ".join(parts), flush=True)
+    return PrintProgress()
 
 
 def _step(number: int, title: str) -> float:
@@ -117,24 +96,6 @@ def _done(started: float) -> float:
     seconds = time.time() - started
     print(f"      done in {seconds:.0f}s", flush=True)
     return seconds
-
-
-def total_steps_of(config_path: str | Path, n_train: int, n_extraction: int = 0) -> int | None:
-    """Optimizer steps the preset will run (for the ETA), as finetune.train counts them."""
-    import math
-
-    import yaml
-
-    try:
-        preset = yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {}
-    except (OSError, ValueError):
-        return None
-    if int(preset.get("max_steps", -1)) > 0:
-        return int(preset["max_steps"])
-    if negative_share := float(preset.get("negative_rows", 0) or 0):  # finetune.train adds these rows
-        n_train += round(negative_share * n_extraction)
-    per_step = int(preset.get("batch_size", 4)) * int(preset.get("grad_accum", 1))
-    return math.ceil(float(preset.get("epochs", 3)) * math.ceil(n_train / per_step))
 
 
 def mark_demo(merged: Path) -> None:
@@ -171,11 +132,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     timings["tiny"] = _done(t)
 
     t = _step(2, f"finetune.train --config {cfg.train_config} -> {out}")
-    lines = [line for line in (data_dir / TRAIN_FILE).open(encoding="utf-8") if line.strip()]
-    n_extraction = sum(1 for line in lines if '"target": "```json' in line)
-    with LogTail(out / "train_log.jsonl", total_steps_of(cfg.train_config, len(lines), n_extraction)):
-        train.main(["--config", cfg.train_config, "--base-model", str(base), "--data-dir", str(data_dir),
-                    "--output-dir", str(out)])
+    train.main(["--config", cfg.train_config, "--base-model", str(base), "--data-dir", str(data_dir),
+                "--output-dir", str(out)], callbacks=[progress_callback()])
     timings["train"] = _done(t)
 
     t = _step(3, f"finetune.merge --run {out} -> {merged}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from core import safe_io
 from core.config import parse_config
 from core.dataset import PROMPT_TEMPLATE
-from core.families import DTYPE_NAMES, Family, detect_family, load_model, load_tokenizer, read_config, torch_dtype
+from core.families import DTYPE_NAMES, Family, detect_family, load_model, load_tokenizer, read_model_config, torch_dtype
 from core.safe_io import OLD_MARK, TMP_MARK, OutputError, OutputLock, check_writable, recover_dir, side_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,7 +170,7 @@ def _merge(cfg, run, train_cfg, base_dir, method, trained_dir, schema, out_dir) 
     import torch
 
 
-    family = detect_family(read_config(trained_dir if method == "full" else base_dir))
+    family = detect_family(read_model_config(trained_dir if method == "full" else base_dir))
     check_output_name(out_dir, family)
     use_cuda = torch.cuda.is_available()
     # On CPU compute in fp32 (half matmuls are slow or missing); on a GPU in the target dtype.

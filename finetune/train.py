@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -386,40 +387,81 @@ def make_trainer_class(precision: str):
     return CheckedTrainer, StopOnNonFiniteEval
 
 
-# --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- main: setup -> fit -> save
 
 
-def main(argv=None) -> Path:
+def main(argv=None, callbacks: Sequence = ()) -> Path:
+    """CLI entry: parse and check the config, hold the run's lock, train. callbacks: extra TrainerCallbacks
+    (finetune.demo prints progress through one). Returns the saved adapter (or model) folder."""
     cfg = parse_config(TrainConfig, argv, __doc__)
     cfg.validate()
     rank = int(os.environ.get("RANK", 0))
     try:
         if rank != 0:  # rank 0 holds the run's lock for all of them
-            return train(cfg)
+            return train(cfg, callbacks)
         check_writable(cfg.output_dir, need_bytes=64 << 20, what="--output-dir")
         with OutputLock(Path(cfg.output_dir) / "train", "finetune.train"):
-            return train(cfg)
+            return train(cfg, callbacks)
     except (NonFiniteLoss, OutputError) as err:
         raise SystemExit(str(err)) from None
     except dataset.DataError as err:
         raise SystemExit(f"error: {err}") from None
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, callbacks: Sequence = ()) -> Path:
+    run = setup(cfg)
+    trainer = fit(run, callbacks)
+    return save(run, trainer)
+
+
+@dataclass
+class Run:
+    """Everything `setup` prepared for one training run (this rank's view)."""
+
+    cfg: TrainConfig
+    rank: int
+    world_size: int
+    out: Path
+    family: Family
+    tokenizer: object
+    model: object
+    precision: str
+    schema: dict
+    dev_rows: list
+    train_set: list
+    dev_set: list
+    eval_steps: int
+    log_path: Path
+    checkpoint_dir: Path
+    resume_from: Path | None
+    resumed_step: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, message: str) -> None:
+        """Print on rank 0 only (every rank runs the same code)."""
+        if self.is_main:
+            print(message, flush=True)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Data, tokenizer, model, schema and the resume point; writes train_config.json and schema.json (rank 0)."""
     import torch
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    is_main = rank == 0
+    say = (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
 
     train_rows = dataset.load_split(cfg.data_dir, "train")
     negatives = D.negative_extraction_rows(train_rows, cfg.negative_rows)
-    if negatives and is_main:
-        print(f"added {len(negatives)} extraction rows answered [] from classification texts "
-              f"(--negative-rows {cfg.negative_rows})", flush=True)
+    if negatives:
+        say(f"added {len(negatives)} extraction rows answered [] from classification texts "
+            f"(--negative-rows {cfg.negative_rows})")
     train_rows = train_rows + negatives
     dev_path = Path(cfg.data_dir) / dataset.DEV_FILE
     dev_rows = dataset.read_jsonl(dev_path) if dev_path.is_file() else []
@@ -438,12 +480,9 @@ def train(cfg: TrainConfig) -> Path:
     dev_set = D.tokenize_examples(dev_rows, tokenizer, family, cfg.max_source_len, cfg.max_target_len)
     total_steps, eval_steps = auto_eval_steps(cfg, len(train_set), world_size)
     cut = D.count_cut_answers(train_rows, tokenizer, cfg.max_target_len)
-    if cut and is_main:
-        print(
-            f"warning: {cut} of {len(train_rows)} training answers are longer than --max-target-len "
-            f"{cfg.max_target_len} tokens and are cut; raise it if memory allows",
-            flush=True,
-        )
+    if cut:
+        say(f"warning: {cut} of {len(train_rows)} training answers are longer than --max-target-len "
+            f"{cfg.max_target_len} tokens and are cut; raise it if memory allows")
 
     resolved = {
         **asdict(cfg),
@@ -465,32 +504,38 @@ def train(cfg: TrainConfig) -> Path:
         f"trainable={trainable:,} / total={total:,} ({100 * trainable / total:.2f}%)",
         flush=True,
     )
-    if is_main:
-        print(json.dumps(resolved, indent=2, ensure_ascii=False), flush=True)
+    if rank == 0:
+        say(json.dumps(resolved, indent=2, ensure_ascii=False))
         atomic_write_json(out / "train_config.json", resolved)
         atomic_write_json(out / "schema.json", schema)
 
     checkpoint_dir = out / "checkpoints"
-    resume_from = last_checkpoint(checkpoint_dir, log=lambda m: print(m, flush=True) if is_main else None) \
-        if cfg.resume else None
+    resume_from = last_checkpoint(checkpoint_dir, log=say) if cfg.resume else None
     # checkpoint_problem has read this file, so it parses.
     resumed_step = json.loads((resume_from / "trainer_state.json").read_text())["global_step"] if resume_from else 0
-    allow_numpy_rng_state_in_checkpoints()
     log_path = out / "train_log.jsonl"
-    if is_main:
+    if rank == 0:
         if resume_from:
-            step = resumed_step
-            print(f"resuming from {resume_from} (step {step})", flush=True)
-            trim_log(log_path, step)
+            say(f"resuming from {resume_from} (step {resumed_step})")
+            trim_log(log_path, resumed_step)
         else:
             if cfg.resume:
-                print(f"--resume: no checkpoint in {checkpoint_dir}, starting from scratch", flush=True)
+                say(f"--resume: no checkpoint in {checkpoint_dir}, starting from scratch")
             log_path.unlink(missing_ok=True)
+    return Run(cfg, rank, world_size, out, family, tokenizer, model, precision, schema, dev_rows, train_set,
+               dev_set, eval_steps, log_path, checkpoint_dir, resume_from, resumed_step)
 
+
+def training_arguments(run: Run):
+    """transformers TrainingArguments for the run: schedule, evaluation and checkpoints, precision, devices."""
+    import torch
+    from transformers import TrainingArguments
+
+    cfg = run.cfg
     use_cuda = torch.cuda.is_available()
-    has_dev = bool(dev_set)
-    args = TrainingArguments(
-        output_dir=str(checkpoint_dir),
+    has_dev = bool(run.dev_set)
+    return TrainingArguments(
+        output_dir=str(run.checkpoint_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -503,20 +548,20 @@ def train(cfg: TrainConfig) -> Path:
         logging_steps=cfg.logging_steps,
         logging_nan_inf_filter=False,  # log what the loss is; NaN stops training anyway (CheckedTrainer)
         evaluation_strategy="steps" if has_dev else "no",
-        eval_steps=eval_steps,
+        eval_steps=run.eval_steps,
         save_strategy="steps",
-        save_steps=eval_steps,
+        save_steps=run.eval_steps,
         save_total_limit=cfg.save_total_limit,
         load_best_model_at_end=has_dev,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         save_safetensors=True,
         group_by_length=cfg.group_by_length,
-        fp16=precision == "fp16",
-        bf16=precision == "bf16",
+        fp16=run.precision == "fp16",
+        bf16=run.precision == "bf16",
         use_cpu=not use_cuda,  # transformers 4.33 deprecates no_cuda for it
-        ddp_backend=None if use_cuda else ("gloo" if world_size > 1 else None),
-        ddp_find_unused_parameters=False if world_size > 1 else None,
+        ddp_backend=None if use_cuda else ("gloo" if run.world_size > 1 else None),
+        ddp_find_unused_parameters=False if run.world_size > 1 else None,
         deepspeed=cfg.deepspeed,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -527,53 +572,63 @@ def train(cfg: TrainConfig) -> Path:
         disable_tqdm=not sys.stderr.isatty(),
         log_level="warning",
     )
+
+
+def fit(run: Run, callbacks: Sequence = ()):
+    """Train (from the resume point if any); returns the Trainer, holding the best model when evaluating."""
+    allow_numpy_rng_state_in_checkpoints()
     collator = D.PadToLongestCollator(
-        pad_token_id=tokenizer.pad_token_id, with_attention_mask=family.attention_mask_in_training
+        pad_token_id=run.tokenizer.pad_token_id, with_attention_mask=run.family.attention_mask_in_training
     )
     sample_decode = make_sample_decode_callback(
-        dev_rows, cfg.sample_decode, tokenizer, schema, family, log_path, precision
+        run.dev_rows, run.cfg.sample_decode, run.tokenizer, run.schema, run.family, run.log_path, run.precision
     )
-    trainer_class, stop_on_non_finite_eval = make_trainer_class(precision)
+    trainer_class, stop_on_non_finite_eval = make_trainer_class(run.precision)
     trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=dev_set or None,
+        model=run.model,
+        args=training_arguments(run),
+        train_dataset=run.train_set,
+        eval_dataset=run.dev_set or None,
         data_collator=collator,
         # The log callback first, so train_log.jsonl shows the non-finite eval loss that stopped the run.
-        callbacks=[make_log_callback(log_path), stop_on_non_finite_eval()] + ([sample_decode] if sample_decode else []),
+        callbacks=[make_log_callback(run.log_path), stop_on_non_finite_eval()]
+        + ([sample_decode] if sample_decode else []) + list(callbacks),
     )
-    if resume_from:
-        trainer.resumed_step = resumed_step
-        trainer.loss_sum_before = loss_sum_at(resume_from)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if run.resume_from:
+        trainer.resumed_step = run.resumed_step
+        trainer.loss_sum_before = loss_sum_at(run.resume_from)
+    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     mean_loss = trainer.true_train_loss if trainer.true_train_loss is not None else result.training_loss
     print(
-        f"[rank {rank}/{world_size}] finished at step {trainer.state.global_step}, mean train loss {mean_loss:.4f}",
+        f"[rank {run.rank}/{run.world_size}] finished at step {trainer.state.global_step}, "
+        f"mean train loss {mean_loss:.4f}",
         flush=True,
     )
+    return trainer
 
-    final_dir = out / ("adapter" if cfg.method == "lora" else "model")
+
+def save(run: Run, trainer) -> Path:
+    """The trained adapter (or model) with its tokenizer and schema, renamed into place; returns its folder."""
+    import torch
+
+    final_dir = run.out / ("adapter" if run.cfg.method == "lora" else "model")
     # Saved beside and renamed into place (safe_io): a kill never leaves a half-written adapter for merge.
     # One name for every rank (the pid differs), safe because the run's lock admits one run.
     tmp = side_dir(final_dir, TMP_MARK, "save")
-    if is_main:
+    if run.is_main:
         recover_dir(final_dir)
     try:
         trainer.save_model(str(tmp))  # the best checkpoint when evaluating (load_best_model_at_end)
-        if is_main:
-            tokenizer.save_pretrained(str(tmp))
-            atomic_write_json(tmp / "schema.json", schema)
+        if run.is_main:
+            run.tokenizer.save_pretrained(str(tmp))
+            atomic_write_json(tmp / "schema.json", run.schema)
             replace_dir(tmp, final_dir, side_dir(final_dir, OLD_MARK, "save"))
     finally:
-        if is_main:  # a failed save (a full disk) leaves no half-written folder; the old adapter is untouched
+        if run.is_main:  # a failed save (a full disk) leaves no half-written folder; the old adapter is untouched
             shutil.rmtree(tmp, ignore_errors=True)
-    if is_main:
-        best = trainer.state.best_metric
-        print(
-            f"saved {final_dir}"
-            + (f" (best eval_loss {best:.4f} at {trainer.state.best_model_checkpoint})" if best else "")
-        )
+    best = trainer.state.best_metric
+    run.say(f"saved {final_dir}" + (f" (best eval_loss {best:.4f} at {trainer.state.best_model_checkpoint})"
+                                     if best else ""))
     # Ranks other than 0 used to leave while rank 0 was still saving; when one of them then died in its
     # interpreter teardown (below), torchrun killed rank 0 before the adapter was on disk. Leave together.
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1,7 +1,3 @@
-"""Package init: quiet one known warning of the pinned stack (see below)."""
+"""Serving a merged model: load, predict with constrained decoding, parse, evaluate, label CSV files."""
 
-import warnings
-
-# transformers 4.33 (pinned for ChatGLM-6B's code) calls a torch helper that torch 2.13 deprecates; every
-# command printed the FutureWarning on import. It is about transformers' internals, nothing a user can act on.
-warnings.filterwarnings("ignore", message=r".*_register_pytree_node.* is deprecated", category=FutureWarning)
+import core  # noqa: F401 - installs core's warning filter before any command imports transformers

@@ -4,58 +4,42 @@
 
 The core is `label_csv(cfg, predict_fn)`: it knows nothing about models, so the streaming, encoding,
 spreadsheet-safety and resume logic is tested with a fast fake predictor; `main()` wires in
-`model.load.load_merged` + `model.predict.predict`.
-
-Resume protocol (an interrupted run, killed at any point, continues without relabelling finished rows
-and ends byte-identical to an uninterrupted run):
-  - rows are labelled in chunks of --chunk-rows and appended to `OUT.partial`;
-  - after each chunk the partial file is fsynced, then `OUT.progress.json` is replaced atomically with
-    the input's fingerprint (size + sha256), the settings, rows done and the partial file's size;
-  - a rerun whose input and settings match truncates the partial file to the recorded size (dropping
-    a half-written chunk), skips the rows done and goes on; anything else starts over, saying why;
-  - at the end the partial file is renamed to OUT, so OUT is never half-written;
-  - the whole run holds OUT.lock (core.safe_io.OutputLock), so no other run appends to OUT.partial.
-Chunks are the same with or without an interruption (resume starts on a chunk boundary), so even a
-model whose answers depend on batch composition gives identical bytes.
+`model.load.load_merged` + `model.predict.predict`. Reading and writing the CSV files is model.csv_file
+(shared with the app's batch page); the resume protocol is model.resume. The whole run holds OUT.lock
+(core.safe_io.OutputLock), so no other run appends to OUT.partial, and OUT appears only when the run is
+complete (OUT.partial renamed). Chunks are the same with or without an interruption (resume starts on a
+chunk boundary), so even a model whose answers depend on batch composition gives identical bytes.
 """
 
 from __future__ import annotations
 
 import codecs
-import csv
 import dataclasses
-import hashlib
-import io
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
 from core.config import parse_config
 from core.dataset import TASKS
-from core.safe_io import OutputError, OutputLock, atomic_write_json, check_writable, fsync_dir, refuse_overlap
+from core.safe_io import OutputError, OutputLock, check_writable, fsync_dir, refuse_overlap
+from model.csv_file import (
+    CheckedInput,
+    LabelError,
+    check_input,
+    inspect_input,
+    output_header,
+    read_chunks,
+    render_rows,
+)
 from model.prompts import is_blank
+from model.resume import partial_path, progress_path, resume_point, run_key, save_progress
 
-# Header names (lower case) that hold the text to label, most specific first.
-TEXT_COLUMN_NAMES = ("comment", "text", "review", "content", "sentence", "评论", "内容", "文本", "句子")
-OUTPUT_COLUMNS = ("category", "category_confidence", "triples", "error", "warnings")
 EMPTY_TEXT = "empty text"  # the same message model.predict gives, so both paths read alike
-# Cells starting with these are formulas (or become one) in Excel/LibreOffice: OWASP "CSV injection".
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-GB_ENCODINGS = {"gb2312", "gbk", "gb18030", "hz"}
-DETECT_SAMPLE_BYTES = 1 << 20  # charset-normalizer sees this much; the whole file is then decoded strictly
-READ_BLOCK_BYTES = 1 << 20
-PROGRESS_FORMAT = 2  # 2: the category_confidence column and --min-confidence
-# A long review is far below this; the csv module's default (128 KiB) would crash on a pasted article.
-csv.field_size_limit(64 << 20)
-
 DESCRIPTION = """Label a CSV of short Chinese comments with a merged LoRA model.
 
 Appends the columns category, category_confidence, triples (a JSON list of {predicate, object_type,
@@ -73,10 +57,6 @@ Resume: the run writes OUT.partial and OUT.progress.json after every chunk; reru
 an interruption and it continues where it stopped. OUT appears only when the run is complete.
 One run per output: OUT.lock is held while it runs, and a second run on the same OUT is refused.
 """
-
-
-class LabelError(ValueError):
-    """A problem with the input, the output path or the options, worded for the user."""
 
 
 class PredictionLike(Protocol):
@@ -142,17 +122,6 @@ class LabelConfig:
         return tuple(t for t in TASKS if t in wanted)
 
 
-@dataclass(frozen=True)
-class Source:
-    """An input file checked to be text: how to decode it and a fingerprint to recognise it on resume."""
-
-    path: Path
-    encoding: str
-    size: int
-    sha256: str
-    line_count: int  # newlines: an estimate of the row count for the progress bar
-
-
 @dataclass
 class LabelResult:
     output: Path
@@ -171,145 +140,6 @@ class RowLabel:
     triples: str = ""
     error: str = ""
     warnings: str = ""
-
-
-# ---------------------------------------------------------------- reading
-
-
-def _is_gb(encoding: str) -> bool:
-    try:
-        return codecs.lookup(encoding).name in GB_ENCODINGS
-    except LookupError:
-        return False
-
-
-def _fingerprint(path: Path) -> tuple[str, int]:
-    """(sha256, newline count) of the file, read in blocks so memory stays flat for any size."""
-    digest, newlines = hashlib.sha256(), 0
-    with path.open("rb") as handle:
-        while block := handle.read(READ_BLOCK_BYTES):
-            digest.update(block)
-            newlines += block.count(b"\n")
-    return digest.hexdigest(), newlines
-
-
-def _decodes(path: Path, encoding: str) -> bool:
-    """Whether the whole file decodes strictly, so no row can fail to decode halfway through a run."""
-    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
-    try:
-        with path.open("rb") as handle:
-            while block := handle.read(READ_BLOCK_BYTES):
-                decoder.decode(block)
-        decoder.decode(b"", final=True)  # a multi-byte character cut off at the end
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def guess_encoding(sample: bytes) -> str | None:
-    """charset-normalizer's guess for non-UTF-8 bytes; any GB candidate wins as gb18030 (the GBK superset),
-    because short GBK comments are sometimes ranked as Korean cp949 first."""
-    import charset_normalizer
-
-    matches = charset_normalizer.from_bytes(sample)
-    for match in matches:
-        if any(_is_gb(name) for name in [match.encoding, *match.could_be_from_charset]):
-            return "gb18030"
-    best = matches.best()
-    return best.encoding if best else None
-
-
-def _looks_binary(sample: bytes) -> bool:
-    """NUL bytes or many control characters: not a CSV (UTF-16 too, which we ask users to re-save)."""
-    if b"\x00" in sample:
-        return True
-    controls = sum(1 for b in sample if b < 32 and b not in (9, 10, 13))
-    return controls > max(2, len(sample) // 100)
-
-
-def inspect_input(path: str | Path) -> Source:
-    """Check that `path` is a readable text file and find its encoding from its bytes (never its name)."""
-    path = Path(path)
-    if not path.exists():
-        raise LabelError(f"input file not found: {path}")
-    if not path.is_file():
-        raise LabelError(f"input is not a file: {path}")
-    with path.open("rb") as handle:
-        sample = handle.read(DETECT_SAMPLE_BYTES)
-    size = path.stat().st_size
-    if size == 0:
-        raise LabelError(f"{path} is empty: expected a CSV with a header row and at least one row")
-    if _looks_binary(sample):
-        raise LabelError(f"{path} is not a text CSV (binary data or UTF-16); save it as CSV in UTF-8 or GBK")
-    # UTF-8 (BOM or not) first and strictly: charset-normalizer can rank valid UTF-8 Chinese as something else.
-    encoding = "utf-8-sig" if _decodes(path, "utf-8-sig") else guess_encoding(sample)
-    if encoding is None:
-        raise LabelError(f"{path}: cannot tell its text encoding; save it as CSV in UTF-8 or GBK")
-    if encoding != "utf-8-sig" and not _decodes(path, encoding):
-        raise LabelError(f"{path} is neither UTF-8 nor valid {encoding}; save it as CSV in UTF-8 or GBK")
-    sha, lines = _fingerprint(path)
-    return Source(path, encoding, size, sha, lines)
-
-
-def _records(handle) -> Iterator[list[str]]:
-    """CSV records, blank lines skipped (they are not rows, as in pandas and Excel)."""
-    for record in csv.reader(handle):
-        if record:
-            yield record
-
-
-def prepare(cfg: LabelConfig, source: Source | None = None) -> tuple[Source, list[str], int]:
-    """(input source, header, text column index), or a LabelError saying what is wrong, before any labelling."""
-    source = source or inspect_input(cfg.input)
-    header, has_rows = read_header(source)
-    if not has_rows:
-        raise LabelError(f"{source.path} has a header but no rows to label")
-    if Path(cfg.output).is_dir():
-        raise LabelError(f"--output {cfg.output} is a directory; give a file name such as labelled.csv")
-    try:  # before the model loads: the output roughly takes the input's size plus the new columns
-        check_writable(Path(cfg.output).parent, need_bytes=2 * source.size + (1 << 20))
-    except OutputError as err:
-        raise LabelError(str(err)) from None
-    return source, header, pick_text_column(header, cfg.column, source.path)
-
-
-def read_header(source: Source) -> tuple[list[str], bool]:
-    """(header names exactly as written, whether any data row follows)."""
-    with source.path.open(encoding=source.encoding, newline="") as handle:
-        records = _records(handle)
-        header = next(records, None)
-        if header is None:
-            raise LabelError(f"{source.path} has no header row (only blank lines)")
-        return header, next(records, None) is not None
-
-
-def pick_text_column(header: Sequence[str], column: str | None, path: Path | str) -> int:
-    """Index of the text column: --column (exact, then any case), else the first known name."""
-    folded = [name.strip().casefold() for name in header]
-    if column is not None:
-        for candidates in ([name.strip() for name in header], folded):
-            wanted = column.strip() if candidates is not folded else column.strip().casefold()
-            if wanted in candidates:
-                return candidates.index(wanted)
-        raise LabelError(f"{path} has no column {column!r}; columns found: {list(header)}")
-    for name in TEXT_COLUMN_NAMES:
-        if name in folded:
-            return folded.index(name)
-    raise LabelError(
-        f"{path}: no text column found; columns found: {list(header)}. "
-        f"Name it one of {', '.join(TEXT_COLUMN_NAMES)} or pass --column NAME"
-    )
-
-
-def fit_row(record: list[str], width: int) -> tuple[list[str], str | None]:
-    """A record made as wide as the header, so every input row gives exactly one aligned output row.
-
-    Short rows are padded. Long ones usually come from an unquoted comma in the last field, so the
-    extra fields are joined back into it (nothing is dropped) and the row gets a warning."""
-    if len(record) <= width:
-        return record + [""] * (width - len(record)), None
-    joined = record[: width - 1] + [",".join(record[width - 1 :])]
-    return joined, f"row has {len(record)} fields, the header {width}: the extra ones were joined into the last column"
 
 
 # ---------------------------------------------------------------- labelling
@@ -387,123 +217,11 @@ def label_texts(
     return labels
 
 
-# ---------------------------------------------------------------- writing
-
-
-def neutralise(cell: str) -> str:
-    """Prefix a formula-like cell with a single quote (OWASP CSV injection); plain numbers such as -5 stay."""
-    if cell.startswith(FORMULA_PREFIXES) and not _NUMBER.fullmatch(cell):
-        return "'" + cell
-    return cell
-
-
-def output_header(header: Sequence[str]) -> list[str]:
-    """The input header plus the labeller's columns; a name already taken gets _2, _3 ... (never overwritten)."""
-    taken = {name.strip().casefold() for name in header}
-    added = []
-    for name in OUTPUT_COLUMNS:
-        candidate, n = name, 1
-        while candidate.casefold() in taken:
-            n += 1
-            candidate = f"{name}_{n}"
-        taken.add(candidate.casefold())
-        added.append(candidate)
-    return list(header) + added
-
-
-def render_rows(rows: Sequence[Sequence[str]]) -> bytes:
-    """CSV bytes (UTF-8, CRLF as RFC 4180 and Excel expect), every cell neutralised."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerows([[neutralise(cell) for cell in row] for row in rows])
-    # Input was decoded strictly and answers are decoded tokens, so nothing here is unencodable;
-    # "replace" only guarantees a stray surrogate can never abort a run.
-    return buffer.getvalue().encode("utf-8", errors="replace")
-
-
-# ---------------------------------------------------------------- resume
-
-
-def partial_path(output: Path) -> Path:
-    return output.with_name(output.name + ".partial")
-
-
-def progress_path(output: Path) -> Path:
-    return output.with_name(output.name + ".progress.json")
-
-
-def run_key(cfg: LabelConfig, source: Source, column: str) -> dict:
-    """Everything that decides the output bytes: if any of it changed, finished rows cannot be reused."""
-    return {
-        "input": str(source.path.resolve()),
-        "input_size": source.size,
-        "input_sha256": source.sha256,
-        "encoding": source.encoding,
-        "column": column,
-        "tasks": list(cfg.task_list),
-        "chunk_rows": cfg.chunk_rows,
-        "batch_size": cfg.batch_size,
-        "min_confidence": cfg.min_confidence,
-        "model": str(Path(cfg.model).resolve()),
-        "model_files": _model_stamp(Path(cfg.model)),
-    }
-
-
-def _model_stamp(folder: Path) -> list:
-    """Name, size and mtime of the weights and schema: a model retrained in place must not resume."""
-    if not folder.is_dir():
-        return []
-    files = [*folder.glob("*.safetensors"), *folder.glob("*.bin"), folder / "schema.json"]
-    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file())
-
-
-def resume_point(output: Path, key: dict, log: Callable[[str], None]) -> tuple[int, int, int]:
-    """(rows done, of them with an error, partial bytes) to continue from, or zeros after saying why not."""
-    progress, partial = progress_path(output), partial_path(output)
-    if not progress.exists():
-        return 0, 0, 0
-    try:
-        state = json.loads(progress.read_text(encoding="utf-8"))
-        rows, errors, offset = int(state["rows_done"]), int(state["error_rows"]), int(state["partial_bytes"])
-        saved = state["key"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log(f"starting over: {progress} is unreadable ({err})")
-        return 0, 0, 0
-    if state.get("format") != PROGRESS_FORMAT:
-        log(f"starting over: {progress} was written by another version")
-        return 0, 0, 0
-    changed = sorted(name for name in set(saved) | set(key) if saved.get(name) != key.get(name))
-    if changed:
-        what = "the input file changed" if any(n.startswith("input") for n in changed) else "settings changed"
-        log(f"starting over: {what} since the interrupted run ({', '.join(changed)})")
-        return 0, 0, 0
-    if not partial.exists() or partial.stat().st_size < offset:
-        log(f"starting over: {partial} is missing or shorter than recorded")
-        return 0, 0, 0
-    return rows, errors, offset
-
-
-def _save_progress(output: Path, key: dict, rows: int, errors: int, offset: int) -> None:
-    state = {"format": PROGRESS_FORMAT, "key": key, "rows_done": rows, "error_rows": errors, "partial_bytes": offset}
-    atomic_write_json(progress_path(output), state, indent=1)
-
-
 # ---------------------------------------------------------------- the run
 
 
 def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _chunks(source: Source, width: int, size: int, skip: int) -> Iterator[list[tuple[list[str], str | None]]]:
-    """Lists of (row fitted to the header, warning) of `size` rows, after the header and `skip` rows."""
-    with source.path.open(encoding=source.encoding, newline="") as handle:
-        records = _records(handle)
-        next(records)  # the header
-        for _ in islice(records, skip):
-            pass
-        while chunk := list(islice(records, size)):
-            yield [fit_row(record, width) for record in chunk]
 
 
 def _chunk_rows(fitted: list[tuple[list[str], str | None]], labels: list[RowLabel]) -> list[list]:
@@ -514,10 +232,23 @@ def _chunk_rows(fitted: list[tuple[list[str], str | None]], labels: list[RowLabe
     return rows
 
 
+def prepare(cfg: LabelConfig, checked: CheckedInput | None = None) -> CheckedInput:
+    """The input checked (inspected once, header, text column) and the output path checked, or a LabelError saying
+    what is wrong, before any labelling. `checked`: an input already inspected (the app checks an upload once)."""
+    checked = checked or check_input(inspect_input(cfg.input), cfg.column)
+    if Path(cfg.output).is_dir():
+        raise LabelError(f"--output {cfg.output} is a directory; give a file name such as labelled.csv")
+    try:  # before the model loads: the output roughly takes the input's size plus the new columns
+        check_writable(Path(cfg.output).parent, need_bytes=2 * checked.source.size + (1 << 20))
+    except OutputError as err:
+        raise LabelError(str(err)) from None
+    return checked
+
+
 def label_csv(
     cfg: LabelConfig,
     predict_fn: PredictFn,
-    source: Source | None = None,
+    checked: CheckedInput | None = None,
     log: Callable[[str], None] = _log_stderr,
     on_progress: Callable[[int, int], None] | None = None,
     show_bar: bool = True,
@@ -525,24 +256,25 @@ def label_csv(
 ) -> LabelResult:
     """Label cfg.input into cfg.output with predict_fn(texts) -> predictions, resuming an interrupted run.
 
-    `source` skips re-inspecting an input already checked (main checks it before loading the model);
+    `checked`: the input as `prepare` checked it (main checks it before loading the model, the app when the file
+    is uploaded), so it is not inspected again;
     `on_progress(rows_done, estimated_total)` is for callers without a terminal (the Streamlit page).
     The output is locked for the run (OUT.lock) unless the caller holds the lock (take_lock=False)."""
     if not take_lock:
-        return _label_csv(cfg, predict_fn, source, log, on_progress, show_bar)
+        return _label_csv(cfg, predict_fn, checked, log, on_progress, show_bar)
     try:
         with OutputLock(cfg.output, "model.label"):
-            return _label_csv(cfg, predict_fn, source, log, on_progress, show_bar)
+            return _label_csv(cfg, predict_fn, checked, log, on_progress, show_bar)
     except OutputError as err:
         raise LabelError(str(err)) from None
 
 
-def _label_csv(cfg, predict_fn, source, log, on_progress, show_bar) -> LabelResult:
+def _label_csv(cfg, predict_fn, checked, log, on_progress, show_bar) -> LabelResult:
     from tqdm import tqdm
 
     started = time.time()
-    source, header, text_index = prepare(cfg, source)
-    column = header[text_index]
+    checked = prepare(cfg, checked)  # an input checked already is not read again; the output is checked here
+    source, header, text_index, column = checked.source, checked.header, checked.text_index, checked.column
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     key = run_key(cfg, source, column)
@@ -563,7 +295,7 @@ def _label_csv(cfg, predict_fn, source, log, on_progress, show_bar) -> LabelResu
             handle.seek(offset)
         else:
             handle.write(codecs.BOM_UTF8 + render_rows([output_header(header)]))
-        for fitted in _chunks(source, len(header), cfg.chunk_rows, skip=done):
+        for fitted in read_chunks(source, len(header), cfg.chunk_rows, skip=done):
             labels = label_texts([cells[text_index] for cells, _ in fitted], predict_fn, cfg.task_list, log,
                                  cfg.min_confidence)
             error_rows += sum(1 for label in labels if label.error)
@@ -571,7 +303,7 @@ def _label_csv(cfg, predict_fn, source, log, on_progress, show_bar) -> LabelResu
             handle.flush()
             os.fsync(handle.fileno())  # the progress file must never point past bytes that are on disk
             done += len(fitted)
-            _save_progress(output, key, done, error_rows, handle.tell())
+            save_progress(output, key, done, error_rows, handle.tell())
             bar.update(len(fitted))
             if on_progress:
                 on_progress(done, max(done, estimate))
@@ -605,10 +337,10 @@ def main(argv: list[str] | None = None, predict_fn: PredictFn | None = None) -> 
         cfg = parse_config(LabelConfig, argv, DESCRIPTION)
         _log_stderr(f"config: {json.dumps(dataclasses.asdict(cfg), ensure_ascii=False)}")
         # Check the input before the (slow) model load, so a wrong file fails in a second.
-        source, _, _ = prepare(cfg)
+        checked = prepare(cfg)
         # Locked before the model loads, so a second run on the same output is refused in a second.
         with OutputLock(cfg.output, "model.label"):
-            return label_csv(cfg, predict_fn or model_predictor(cfg), source=source, take_lock=False)
+            return label_csv(cfg, predict_fn or model_predictor(cfg), checked=checked, take_lock=False)
     except (LabelError, OutputError, ModelLoadError) as err:
         raise SystemExit(f"error: {err}") from None
 

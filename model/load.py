@@ -19,7 +19,7 @@ from core.families import (  # noqa: E402
     detect_family,
     load_model,
     load_tokenizer,
-    read_config,
+    read_model_config,
     torch_dtype,
 )
 from core.safe_io import TMP_MARK  # noqa: E402
@@ -107,7 +107,7 @@ def load_merged(path: str | Path, device: str | None = None, dtype: str | None =
     check_model_dir(path)
     schema = read_schema(path)
     try:
-        config = read_config(path)
+        config = read_model_config(path)
     except Exception as err:  # noqa: BLE001 - any unreadable config is the same user problem
         raise ModelLoadError(f"{path / 'config.json'} is unreadable: {err}") from None
     family = detect_family(config)

@@ -14,7 +14,7 @@ from app_support.batch import (
 )
 from app_support.settings import MAX_UPLOAD_MB, user_message
 from app_support.ui import confidence_slider, page_setup, require_model
-from model.label import OUTPUT_COLUMNS, TEXT_COLUMN_NAMES, LabelError
+from model.csv_file import OUTPUT_COLUMNS, TEXT_COLUMN_NAMES, LabelError
 
 SAMPLE_CSV = Path(__file__).resolve().parents[1] / "assets" / "sample_comments.csv"
 CHOOSE = "— 请选择文本列 choose the text column —"
@@ -80,7 +80,7 @@ if st.button("开始标注 Label the file", type="primary", disabled=column == C
 
     try:
         result = label_upload(
-            uploaded.name, uploaded.getvalue(), column, str(model_dir),
+            upload, uploaded.getvalue(), column, str(model_dir),
             lambda texts, on_progress: predict(lm, texts, on_progress=on_progress),
             report,
             min_confidence=min_confidence,

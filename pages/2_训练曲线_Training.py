@@ -7,7 +7,7 @@ import streamlit as st
 
 from app_support.fonts import cjk_font_name
 from app_support.plots import loss_figure
-from app_support.runs import config_table, discover_runs, read_config, read_log, summary
+from app_support.runs import config_table, discover_runs, read_log, read_train_config, summary
 from app_support.settings import user_message
 from app_support.ui import get_model, page_setup, show_demo_banner, sidebar
 
@@ -40,7 +40,7 @@ if not chosen:
 
 try:
     logs = {name: read_log(by_name[name].log_path) for name in chosen}
-    configs = {name: read_config(by_name[name].path) for name in chosen}
+    configs = {name: read_train_config(by_name[name].path) for name in chosen}
 except OSError as err:
     st.error(f"无法读取训练记录 cannot read the runs: {user_message(err)}")
     st.stop()

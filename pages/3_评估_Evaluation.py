@@ -16,7 +16,14 @@ from app_support.evaluation import (
     wrong_rows,
 )
 from app_support.plots import confusion_figure
-from app_support.settings import DEV_FILE, HEADLINE_METRICS, format_metric, user_message, writes_allowed
+from app_support.settings import (
+    DEV_DATA_PATH,
+    HEADLINE_METRICS,
+    TRAIN_DATA_PATH,
+    format_metric,
+    user_message,
+    writes_allowed,
+)
 from app_support.ui import page_setup, require_model
 from core.dataset import TRAIN_FILE, DataError, read_jsonl
 
@@ -32,7 +39,7 @@ st.caption('数据格式与训练相同：每行一个 {"context": ..., "target"
 source = st.radio("数据 data", [DEV, UPLOAD], horizontal=True)
 uploaded = None
 if source == DEV:
-    st.caption(f"`{DEV_FILE}`" + ("" if Path(DEV_FILE).is_file() else " — 不存在 missing: run `make data`"))
+    st.caption(f"`{DEV_DATA_PATH}`" + ("" if Path(DEV_DATA_PATH).is_file() else " — 不存在 missing: run `make data`"))
 else:
     uploaded = st.file_uploader("labelled jsonl", key="eval_upload")
 prompts = st.radio("提示 prompts", ["canonical", "data"], horizontal=True,
@@ -47,7 +54,7 @@ if st.button("开始评估 Evaluate", type="primary", disabled=source == UPLOAD 
         if uploaded is not None:
             examples = load_examples(data=uploaded.getvalue(), name=uploaded.name, limit=int(limit))
         else:
-            examples = load_examples(DEV_FILE, limit=int(limit))
+            examples = load_examples(DEV_DATA_PATH, limit=int(limit))
     except DataError as err:
         st.error(f"无法读取数据 cannot read the data: {err}")
         st.stop()
@@ -63,14 +70,14 @@ if st.button("开始评估 Evaluate", type="primary", disabled=source == UPLOAD 
 
     report(0, len(examples))
     try:
-        train_file = Path(DEV_FILE).with_name(TRAIN_FILE)  # the baseline learns from the model's training rows
+        train_file = Path(TRAIN_DATA_PATH)  # the baseline learns from the model's training rows
         baseline_train = read_jsonl(train_file) if train_file.is_file() else None
         metrics = evaluate(lm, examples, on_progress=report, prompts=prompts, baseline_train=baseline_train)
     except Exception as err:  # noqa: BLE001 - a message on the page, not a traceback
         st.error(f"评估失败 evaluation failed: {user_message(err)}")
         st.stop()
     bar.progress(1.0)
-    name = uploaded.name if uploaded is not None else DEV_FILE
+    name = uploaded.name if uploaded is not None else DEV_DATA_PATH
     st.session_state["eval_result"] = (name, metrics)
 
 stored = st.session_state.get("eval_result")

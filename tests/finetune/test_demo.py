@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 import pytest
 
 from finetune import demo
 
 
-def test_total_steps_of_the_shipped_preset():
-    import yaml
-
-    preset = yaml.safe_load(demo.DEMO_CONFIG.read_text(encoding="utf-8"))
-    expected = math.ceil(preset["epochs"] * math.ceil(902 / (preset["batch_size"] * preset.get("grad_accum", 1))))
-    assert demo.total_steps_of(demo.DEMO_CONFIG, 902) == expected
+def test_progress_line():
+    line = demo.progress_line(20, 80, {"loss": 2.51234, "learning_rate": 0.001, "epoch": 1.0}, 120.0)
+    assert line == "step 20/80, loss 2.512, lr 0.001, 2.0 min, ~6.0 min left"
+    assert demo.progress_line(0, 0, {"eval_loss": 2.0}, 5.0) == "step 0, eval_loss 2"
 
 
-def test_total_steps_of_max_steps_and_missing(tmp_path):
-    preset = tmp_path / "p.yaml"
-    preset.write_text("max_steps: 7\n")
-    assert demo.total_steps_of(preset, 902) == 7
-    assert demo.total_steps_of(tmp_path / "missing.yaml", 902) is None
+def test_training_progress_is_printed_by_a_trainer_callback(tmp_path, tiny_base, small_data, capsys):
+    """The demo's progress comes from the Trainer itself: its step count and its total, no log polling."""
+    from finetune import train
+    from tests.finetune.test_train import run_args
 
-
-def test_log_tail_prints_each_record_once(tmp_path, capsys):
-    log = tmp_path / "train_log.jsonl"
-    log.write_text(json.dumps({"step": 10, "loss": 2.5, "lr": 0.001}) + "\n")
-    with demo.LogTail(log, total_steps=100, every_s=0.01) as tail:
-        log.write_text(log.read_text() + json.dumps({"step": 20, "eval_loss": 2.0}) + "\n" + '{"step": 3')
-        tail._print_new()
-    out = capsys.readouterr().out
-    assert out.count("step 10/100, loss 2.5, lr 0.001") == 1
-    assert out.count("step 20/100, eval_loss 2") == 1
-    assert "step 3" not in out  # a half-written line waits for the next read
+    train.main(run_args(tiny_base, small_data, tmp_path / "run", 3), callbacks=[demo.progress_callback()])
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  step ")]
+    assert [line.split(",")[0] for line in lines if ", loss " in line] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert "min left" in lines[0]
 
 
 def test_existing_model_is_kept(tmp_path, capsys, data_dir):

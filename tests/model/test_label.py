@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from model import label
-from model.label import LabelConfig, LabelError, label_csv, neutralise
+from model import resume
+from model.csv_file import FORMULA_PREFIXES, LabelError
+from model.label import LabelConfig, label_csv, main
 from model.parsing import Triple
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,23 +195,11 @@ def test_binary_file_is_a_clear_error_naming_it(tmp_path, kind, capsys):
     src = tmp_path / "upload.csv"
     src.write_bytes(junk)
     with pytest.raises(SystemExit) as exc:
-        label.main(["--model", "unused", "--input", str(src), "--output", str(tmp_path / "o.csv")], fake_predict)
+        main(["--model", "unused", "--input", str(src), "--output", str(tmp_path / "o.csv")], fake_predict)
     assert str(src) in str(exc.value) and "not a text CSV" in str(exc.value)
 
 
 # ---------------------------------------------------------------- cells and rows
-
-
-@pytest.mark.parametrize(
-    ("cell", "expected"),
-    [
-        ("=1+1", "'=1+1"), ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"), ("-2+3", "'-2+3"), ("@SUM(A1)", "'@SUM(A1)"),
-        ("\t=1", "'\t=1"), ("\r=1", "'\r=1"), ("-5", "-5"), ("+3.5", "+3.5"), ("-1e3", "-1e3"), ("苹果=好", "苹果=好"),
-        ("", ""),
-    ],
-)
-def test_neutralise(cell, expected):
-    assert neutralise(cell) == expected
 
 
 def test_formulas_are_neutralised_in_original_and_new_cells(tmp_path):
@@ -222,7 +211,7 @@ def test_formulas_are_neutralised_in_original_and_new_cells(tmp_path):
     table = read_output(result.output)
     assert table[1][:3] == ["'=HYPERLINK(\"http://x\",\"点我\")", "'@admin", "-5"]
     assert table[2][:4] == ["'=CMD 好吃", "'-x", "3", "'=CMD()"]
-    assert all(not cell.startswith(label.FORMULA_PREFIXES) or cell.lstrip("-").isdigit() for r in table for cell in r)
+    assert all(not cell.startswith(FORMULA_PREFIXES) or cell.lstrip("-").isdigit() for r in table for cell in r)
 
 
 def test_empty_rows_get_an_error_and_order_and_count_are_kept(tmp_path):
@@ -290,11 +279,11 @@ def test_resume_after_interrupt_and_half_written_chunk_is_byte_identical(tmp_pat
         run(tmp_path, src, predict_fn=interrupted, chunk_rows=7)
     out = tmp_path / "out.csv"
     assert not out.exists(), "no out.csv until the run is complete"
-    state = json.loads(label.progress_path(out).read_text(encoding="utf-8"))
+    state = json.loads(resume.progress_path(out).read_text(encoding="utf-8"))
     assert state["rows_done"] == 21
     # A kill while writing the next chunk leaves bytes past the recorded offset; more of them than the
     # rest of the run writes, so overwriting alone (without truncating) would leave some behind.
-    with label.partial_path(out).open("ab") as handle:
+    with resume.partial_path(out).open("ab") as handle:
         handle.write(("99,半行垃圾\r\n" * 2000 + "100,").encode())
 
     resumed = Recorder()
@@ -303,7 +292,7 @@ def test_resume_after_interrupt_and_half_written_chunk_is_byte_identical(tmp_pat
     assert resumed.texts == [c for c in comments[21:] if c], "finished rows must not be relabelled"
     assert out.read_bytes() == reference.output.read_bytes()
     assert result.error_rows == reference.error_rows == 5 and result.rows == 50
-    assert not label.partial_path(out).exists() and not label.progress_path(out).exists()
+    assert not resume.partial_path(out).exists() and not resume.progress_path(out).exists()
 
 
 def test_changed_input_or_settings_start_over(tmp_path):
@@ -393,7 +382,7 @@ def test_memory_is_flat_in_the_number_of_rows(big_runs):
 def test_killed_run_resumes_to_identical_bytes(big_runs, tmp_path):
     folder, _ = big_runs
     src, out = folder / "in_10000.csv", tmp_path / "out.csv"
-    progress = label.progress_path(out)
+    progress = resume.progress_path(out)
     # Slow the fake so the kill lands mid-run: 40 chunks x 0.04 s.
     env = {**os.environ, "FAKE_DELAY": "0.04"}
     log = (tmp_path / "killed.log").open("w")  # a file, not a pipe nobody reads while the child runs

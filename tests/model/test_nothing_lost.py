@@ -13,7 +13,7 @@ import time
 import pytest
 
 from core.safe_io import OutputBusy, OutputLock, atomic_write, lock_path
-from model import evaluate, label
+from model import evaluate, label, resume
 from model.label import LabelError
 from model.predict import clean_text
 from tests.model.test_label import ROOT, big_csv, driver_cmd, fake_predict, read_output, run_driver, write_csv
@@ -46,7 +46,7 @@ def test_two_label_runs_on_one_output_the_second_is_refused_and_the_first_is_who
         log.close()
     assert first.returncode == 0, (tmp_path / "first.log").read_text()
     assert out.read_bytes() == reference.read_bytes()  # only the first input's rows, all of them
-    assert not label.progress_path(out).exists() and not lock_path(out).exists()
+    assert not resume.progress_path(out).exists() and not lock_path(out).exists()
 
 
 def test_a_killed_run_releases_its_lock(tmp_path):

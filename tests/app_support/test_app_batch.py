@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import tempfile
 
 import pytest
 
@@ -19,7 +20,7 @@ from app_support.batch import (
     size_problem,
     unique_names,
 )
-from model.label import LabelError
+from model.csv_file import LabelError
 from model.parsing import Triple
 from model.predict import Prediction
 
@@ -51,6 +52,31 @@ def test_check_upload_encodings_and_column(encoding):
     assert ("gb" in upload.source.encoding) == (encoding == "gbk")
 
 
+
+def label_checked(name: str, data: bytes, *args, **kwargs):
+    """What the page does: check the upload once, then label the checked upload's bytes."""
+    return label_upload(check_upload(name, data), data, *args, **kwargs)
+
+
+def test_labelling_uses_the_checked_upload_and_refuses_other_bytes(monkeypatch):
+    rows = [["comment"], *[[t] for t in TEXTS[:3]]]
+    data = csv_bytes(rows)
+    upload = check_upload("c.csv", data)
+
+    def no_second_look(path):
+        raise AssertionError(f"{path} was inspected again")
+
+    monkeypatch.setattr("model.csv_file.inspect_input", no_second_look)
+    monkeypatch.setattr("model.label.inspect_input", no_second_look)
+    monkeypatch.setattr("app_support.batch.inspect_input", no_second_look)
+    result = label_upload(upload, data, "comment", "m", fake_predict, lambda *_: None)
+    assert result.rows == 3 and read_labelled(result.csv_bytes)[1][0] == TEXTS[0]
+    other = csv_bytes([["comment"], *[[t] for t in TEXTS[3:6]]])
+    with pytest.raises(LabelError, match="c.csv is not the file that was checked"):
+        label_upload(upload, other, "comment", "m", fake_predict, lambda *_: None)
+    with pytest.raises(LabelError, match="no column 'text'"):
+        label_upload(upload, data, "text", "m", fake_predict, lambda *_: None)
+
 def test_check_upload_without_a_text_column_guesses_none():
     upload = check_upload("c.csv", csv_bytes([["a", "b"], ["1", "2"]]))
     assert upload.guessed_column is None
@@ -69,13 +95,13 @@ def test_check_upload_refuses_with_the_users_file_name(data, message):
     with pytest.raises(LabelError) as err:
         check_upload("我的文件.csv", data)
     assert message in str(err.value)
-    assert "upload.csv" not in str(err.value) and "label-upload-" not in str(err.value)
+    assert "upload.csv" not in str(err.value) and tempfile.gettempdir() not in str(err.value)
 
 
 def test_label_upload_keeps_rows_and_columns_and_reports_progress():
     rows = [["id", "comment", "note"], *[[str(i), t, "x"] for i, t in enumerate(TEXTS)], ["50", "", "empty"]]
     reports = []
-    result = label_upload("c.csv", csv_bytes(rows, "gbk"), "comment", "model-dir", fake_predict,
+    result = label_checked("c.csv", csv_bytes(rows, "gbk"), "comment", "model-dir", fake_predict,
                           lambda done, total: reports.append((done, total)))
     out = read_labelled(result.csv_bytes)
     assert result.csv_bytes.startswith(b"\xef\xbb\xbf")  # model.label writes UTF-8 with BOM for Excel
@@ -91,7 +117,7 @@ def test_label_upload_keeps_rows_and_columns_and_reports_progress():
 
 def test_preview_and_failures():
     rows = [["comment"], ["好"], [""], ["也好"]]
-    result = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None)
+    result = label_checked("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None)
     preview, failures = preview_and_failures(result, limit=2)
     assert list(preview.index) == [1, 2]
     # The labeller's columns first, so they are on screen whatever the input's width.
@@ -103,8 +129,8 @@ def test_preview_and_failures():
 
 def test_the_confidence_slider_drops_triples_below_it_from_the_download():
     rows = [["comment"], ["好吃"], ["也好"]]
-    kept = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None, min_confidence=0.6)
-    dropped = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None,
+    kept = label_checked("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None, min_confidence=0.6)
+    dropped = label_checked("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None,
                            min_confidence=0.65)
     assert [json.loads(r[3])[0]["confidence"] for r in read_labelled(kept.csv_bytes)[1:]] == [0.6, 0.6]
     assert [r[3] for r in read_labelled(dropped.csv_bytes)[1:]] == ["[]", "[]"]
@@ -120,7 +146,7 @@ def test_compact_triples_leaves_odd_cells_alone():
 
 def test_existing_output_column_names_are_not_overwritten():
     rows = [["comment", "category"], ["好", "old"]]
-    result = label_upload("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None)
+    result = label_checked("c.csv", csv_bytes(rows), "comment", "m", fake_predict, lambda *_: None)
     preview, failures = preview_and_failures(result)
     assert list(preview.columns) == ["category_2", "category_confidence", "triples", "error", "warnings", "comment",
                                      "category"]

@@ -15,8 +15,8 @@ from app_support.runs import (
     KEY_CONFIG_FIELDS,
     config_table,
     discover_runs,
-    read_config,
     read_log,
+    read_train_config,
     series,
     short_path,
     summary,
@@ -76,12 +76,12 @@ def test_series_and_summary():
     assert summary(sampled)["last_loss"] == 2.0  # sample records carry no loss
 
 
-def test_read_config_and_config_table(tmp_path):
+def test_read_train_config_and_config_table(tmp_path):
     folder = write_run(tmp_path, "r", config={"method": "lora", "learning_rate": 0.001, "lora_targets": None,
                                               "base_model": "/work/main/runs/demo/base"})
-    assert read_config(folder)["method"] == "lora"
-    assert read_config(tmp_path / "nothing") is None
-    table = config_table({"r": read_config(folder), "missing": None})
+    assert read_train_config(folder)["method"] == "lora"
+    assert read_train_config(tmp_path / "nothing") is None
+    table = config_table({"r": read_train_config(folder), "missing": None})
     assert list(table["r"]) == list(KEY_CONFIG_FIELDS)
     assert table["r"]["learning_rate"] == "0.001"
     assert table["missing"]["method"] == ""
