@@ -79,10 +79,10 @@ def time_split(lm, texts: list[str]) -> dict:
     """Seconds of predict(texts) in first (prompt) passes, later (decode) passes and the rest; minor faults."""
     import resource
 
-    from model import jump_forward
+    from model import feeders
     from model.predict import predict
 
-    decoder_class = jump_forward.JumpForwardDecoder
+    decoder_class = feeders.CausalFeeder
     original = decoder_class.forward
     split = collections.Counter()
 

@@ -26,15 +26,15 @@ How it works
   end of the budget this leaves only the closing moves: finish the current span, no new triple.
 - The schema part of an automaton (its nodes and their static costs, `Skeleton`) is built once per
   schema and vocabulary; only the text tables are built per row.
-- Generation (`constrained_generate`): for Llama-like decoder-only models, `JumpForwardDecoder` runs
-  its own greedy loop over the KV cache. Tokens that have only one possible value (the JSON
-  skeleton, keys, the rest of a label or type once chosen: ~90% of answer tokens) are appended
-  without a forward pass of their own; each pass feeds a row's chosen token plus the forced run
-  after it. With a char vocabulary it picks exactly the tokens of token-by-token decoding. The prompt
-  prefix the rows share (instruction and phrasing) runs once, its KV cache kept for the next batches
-  and calls (model.prefix_cache). ChatGLM
-  (2D positions and masks built from <sop> in its remote code) and calls with generate() options
-  keep HF generate() with GrammarLogitsProcessor, one token per pass (`jump_forward=False` forces it).
+- Generation (`constrained_generate`): `JumpForwardDecoder` runs its own greedy loop over the KV
+  cache. Tokens that have only one possible value (the JSON skeleton, keys, the rest of a label or
+  type once chosen: ~90% of answer tokens) are appended without a forward pass of their own; each
+  pass feeds a row's chosen token plus the forced run after it. With a char vocabulary it picks
+  exactly the tokens of token-by-token decoding. The model side is a feeder (model.feeders): Llama-like
+  models, where the prompt prefix the rows share runs once and its KV cache is kept for the next
+  batches and calls (model.prefix_cache), and ChatGLM-6B v1 / ChatGLM2/3, whose first pass and
+  position rule come from their own remote code. Calls with generate() options keep HF generate()
+  with GrammarLogitsProcessor, one token per pass (`jump_forward=False` forces it).
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def _revive(values: torch.Tensor, counts: list[int]) -> torch.Tensor:
 # --------------------------------------------------------------------------- generation
 
 
-def _answers(sequences: torch.Tensor, prompt_length: int, end_token_id: int, pad_token_id: int) -> list[list[int]]:
+def answers_of(sequences: torch.Tensor, prompt_length: int, end_token_id: int, pad_token_id: int) -> list[list[int]]:
     """Generated ids per row, cut at the end token (generate() pads finished rows after it)."""
     out = []
     for row in sequences[:, prompt_length:].tolist():
@@ -187,14 +187,15 @@ _LOGITS_SETTINGS = {
 def jump_forward_unsupported(model) -> str | None:
     """Why `model` must be decoded through HF generate() + GrammarLogitsProcessor (None: jump-forward works).
 
-    Jump-forward needs a decoder-only model whose forward takes input_ids, a 2D attention_mask over past +
-    new tokens, position_ids and past_key_values (Llama-like). ChatGLM-6B (model_type 'chatglm', also
-    ChatGLM2/3) builds its own 2D position ids and prefix-bidirectional mask from the <sop> token inside
-    its remote code; feeding it several tokens after the cache cannot be reproduced safely here.
+    Jump-forward needs a decoder-only model whose forward takes several new tokens after its cache: Llama-like
+    (input_ids, a 2D attention_mask over past + new tokens, position_ids, past_key_values) or ChatGLM through
+    its remote code, whose own generate() steps say how masks and positions go on (model.feeders).
     """
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) == "chatglm":
-        return "ChatGLM builds its 2D position ids and attention mask from <sop> in its own code"
+    if getattr(config, "model_type", None) == "chatglm" and not all(
+        hasattr(model, name) for name in ("prepare_inputs_for_generation", "_update_model_kwargs_for_generation")
+    ):
+        return "this ChatGLM code has no prepare_inputs_for_generation / _update_model_kwargs_for_generation"
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder model"
     generation_config = getattr(model, "generation_config", None)
@@ -236,12 +237,13 @@ def constrained_generate_scored(
 
     jump_forward: None (default) = the jump-forward loop (`JumpForwardDecoder`) when the model supports it
     (`jump_forward_unsupported`) and no generate() options are given, else HF generate() with the
-    GrammarLogitsProcessor, one token per forward pass (always the case for ChatGLM); True = require
-    jump-forward; False = always generate().
-    prefix_cache: let jump-forward run the prompt prefix its rows share once (`PrefixCache`); False = each
-    row's whole prompt goes through the first pass.
+    GrammarLogitsProcessor, one token per forward pass; True = require jump-forward; False = always generate().
+    prefix_cache: let jump-forward run the prompt prefix its rows share once (`PrefixCache`, Llama-like models);
+    False = each row's whole prompt goes through the first pass.
+    position_ids (in generate_kwargs): the ones ChatGLM's tokenizer built with its padding; both paths take them.
     """
     matchers = row_matchers(tokenizer, constraints, max_new_tokens, end_token_id)
+    position_ids = generate_kwargs.pop("position_ids", None)
     reason = jump_forward_unsupported(model) or (
         f"generate() options {sorted(generate_kwargs)}" if generate_kwargs else None
     )
@@ -250,17 +252,19 @@ def constrained_generate_scored(
     if jump_forward:
         if reason is not None:
             raise ValueError(f"jump-forward decoding is not available: {reason}")
-        answers = JumpForwardDecoder(model, matchers, pad_token_id, prefix_cache=prefix_cache).run(
-            input_ids, attention_mask
-        )
+        answers = JumpForwardDecoder(
+            model, matchers, pad_token_id, prefix_cache=prefix_cache, position_ids=position_ids
+        ).run(input_ids, attention_mask)
     else:
+        if position_ids is not None:
+            generate_kwargs["position_ids"] = position_ids
         processor = GrammarLogitsProcessor(matchers, input_ids.shape[1])
         sequences = _generate(
             model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
             logits_processor=LogitsProcessorList([processor]), **generate_kwargs,
         )
         processor.finish(sequences)
-        answers = _answers(sequences, input_ids.shape[1], end_token_id, pad_token_id)
+        answers = answers_of(sequences, input_ids.shape[1], end_token_id, pad_token_id)
     # A choice past the cut (an end or pad token chosen among others) is not part of the answer.
     return [
         Generated(ids, [(i, lp) for i, lp in choices if i < len(ids)])
@@ -287,7 +291,7 @@ def _greedy_generate(model, input_ids, attention_mask, max_new_tokens, end_token
     """HF generate, greedy with the KV cache; the answers without prompt, padding or end token."""
     sequences = _generate(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id,
                           **generate_kwargs)
-    return _answers(sequences, input_ids.shape[1], end_token_id, pad_token_id)
+    return answers_of(sequences, input_ids.shape[1], end_token_id, pad_token_id)
 
 
 def generate_with(model, input_ids, attention_mask, max_new_tokens, end_token_id, pad_token_id, processors,

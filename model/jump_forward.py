@@ -1,9 +1,10 @@
 """Jump-forward decoding: a greedy loop over the KV cache that feeds the grammar's forced tokens in bulk.
 
-For Llama-like decoder-only models (see model.decoding.jump_forward_unsupported). Tokens that have only
-one possible value (the JSON skeleton, keys, the rest of a label or type once chosen: ~90% of answer
-tokens) go into the cache without a forward pass of their own, and the prompt prefix every row shares
-(instruction and phrasing) runs once and is kept for the next batches and calls (`PrefixCache`).
+For Llama-like decoder-only models and ChatGLM-6B v1 / ChatGLM2/3 (model.feeders; see
+model.decoding.jump_forward_unsupported). Tokens that have only one possible value (the JSON skeleton,
+keys, the rest of a label or type once chosen: ~90% of answer tokens) go into the cache without a
+forward pass of their own; for Llama-like models the prompt prefix every row shares (instruction and
+phrasing) runs once and is kept for the next batches and calls (model.prefix_cache).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from model.confidence import constrained_logprobs
+from model.feeders import CausalFeeder, ChatGLMFeeder
 from model.matcher import RowMatcher
-from model.prefix_cache import PREFIX_CACHE
 
 FEED_POLICIES = ("auto", "all", "median")
 
@@ -66,17 +67,11 @@ class JumpForwardDecoder:
     so answers may differ (always valid, in budget).
 
     The budget rule is unchanged (forced tokens count like any other: a row stops at max_new_tokens).
-    The first pass feeds the left-padded prompts plus each row's first forced run (positions =
-    cumsum(attention_mask) - 1, pads at 1, as generate() builds them). Later passes feed each row up to
-    `feed_width` of its queued tokens (the chosen one and the forced run after it), left-padded and masked;
-    a row that has not fed its whole queue takes no decision in that pass. Finished rows leave the batch and
-    the cache.
-
-    Shared prompt prefix (prefix_cache=True): the rows of a batch start with the same instruction and
-    phrasing (~75 tokens), and so do the batches of a predict() call. The first pass then starts from the
-    cache of that prefix (run once, batch 1, and kept in `PREFIX_CACHE` for the next calls), expanded to
-    the batch, and feeds only the rest of each prompt: left-padded, so the pads sit between the prefix and
-    the row's own tokens, masked out, and positions still come from the cumulative mask.
+    Each pass after the first feeds each row up to `feed_width` of its queued tokens (the chosen one and
+    the forced run after it), left-padded and masked; a row that has not fed its whole queue takes no
+    decision in that pass. Finished rows leave the batch and the cache. The model side (positions, masks,
+    cache layout, the shared-prefix cache) is a feeder's (model.feeders): `CausalFeeder` for Llama-like
+    models, `ChatGLMFeeder` for ChatGLM-6B v1 and ChatGLM2/3.
     """
 
     def __init__(
@@ -87,6 +82,7 @@ class JumpForwardDecoder:
         prefix_cache: bool = True,
         feed: str = "auto",
         stats: DecodeStats | None = None,
+        position_ids: torch.Tensor | None = None,
     ):
         if feed not in FEED_POLICIES:
             raise ValueError(f"feed must be one of {FEED_POLICIES}, not {feed!r}")
@@ -96,7 +92,16 @@ class JumpForwardDecoder:
         self.prefix_cache = prefix_cache
         self.feed = feed
         self.stats = stats if stats is not None else DecodeStats()
-        self.head = _split_head(model)
+        self.position_ids = position_ids
+
+    def feeder(self, rows: list[int]):
+        """The model side of a batch of these rows (model.feeders)."""
+        if getattr(getattr(self.model, "config", None), "model_type", None) == "chatglm":
+            positions = None if self.position_ids is None else self.position_ids[rows]
+            return ChatGLMFeeder(self.model, self.pad_token_id, self.stats, positions)
+        if self.position_ids is not None:
+            raise ValueError("position_ids are only taken for ChatGLM; other models number positions from the mask")
+        return CausalFeeder(self.model, self.pad_token_id, self.stats, prefix_cache=self.prefix_cache)
 
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
         """Each row's answer ids (no prompt, no end token)."""
@@ -110,29 +115,14 @@ class JumpForwardDecoder:
         active = [row for row, m in enumerate(matchers) if m.run_forced()]
         if not active:
             return answers
-        # First pass: each row's prompt (with its own padding) and its first forced run, aligned on the right.
-        extra = max(len(answers[row]) for row in active)
-        width = input_ids.shape[1] + extra
-        ids = torch.full((len(active), width), self.pad_token_id, dtype=input_ids.dtype, device=device)
-        mask = torch.zeros((len(active), width), dtype=attention_mask.dtype, device=device)
-        for i, row in enumerate(active):
-            run = answers[row]
-            start = extra - len(run)
-            ids[i, start : start + input_ids.shape[1]] = input_ids[row]
-            mask[i, start : start + input_ids.shape[1]] = attention_mask[row]
-            if run:
-                ids[i, width - len(run) :] = torch.tensor(run, dtype=ids.dtype, device=device)
-                mask[i, width - len(run) :] = 1
-        past = None
-        queue: dict[int, list[int]] = {}  # per row, chosen and forced tokens not fed yet
+        feeder = self.feeder(active)
         # inference_mode skips autograd's bookkeeping on every op. Only here, not around generate(): ChatGLM-6B
         # fills its rotary cache lazily on a first forward, and tensors made in inference mode could not be
         # used by a later training step in the same process.
         with torch.inference_mode():
-            if self.prefix_cache:
-                ids, mask, past = self._start_from_prefix(ids, mask, input_ids, attention_mask, active)
+            logits, left = feeder.start(input_ids[active], attention_mask[active], [list(answers[r]) for r in active])
+            queue: dict[int, list[int]] = dict(zip(active, left, strict=True))  # chosen and forced tokens not fed yet
             while True:
-                logits, past = self.forward(ids, mask, past)
                 # Rows that fed their whole queue are at a decision; the others go on feeding next pass.
                 ready = [i for i, row in enumerate(active) if not queue.get(row)]
                 queue.update(self._decide([active[i] for i in ready], logits[ready]))
@@ -140,7 +130,8 @@ class JumpForwardDecoder:
                 if not keep:
                     return answers
                 if len(keep) < len(active):
-                    past, mask, active = self._shrink(past, mask, keep), mask[keep], [active[i] for i in keep]
+                    feeder.keep(keep)
+                    active = [active[i] for i in keep]
                 # Next pass: up to `width` queued tokens per row, left-padded.
                 width = feed_width([len(queue[row]) for row in active], self._policy(device))
                 fed = []
@@ -149,9 +140,7 @@ class JumpForwardDecoder:
                     queue[row] = queue[row][width:]
                 self.stats.fed += width * len(active)
                 self.stats.padding += sum(width - len(f) for f in fed)
-                ids = torch.tensor([[self.pad_token_id] * (width - len(f)) + f for f in fed], device=device)
-                new_mask = torch.tensor([[0] * (width - len(f)) + [1] * len(f) for f in fed], device=device)
-                mask = torch.cat([mask, new_mask.to(mask.dtype)], dim=1)
+                logits = feeder.feed(fed)
 
     def _policy(self, device: torch.device) -> str:
         if self.feed != "auto":
@@ -184,96 +173,3 @@ class JumpForwardDecoder:
             chosen = len(matcher.tokens) - 1
             feeds[row] = matcher.tokens[chosen:] if matcher.run_forced() else []
         return feeds
-
-    # ---------------------------------------------------------------- model side
-
-    def _start_from_prefix(self, ids, mask, input_ids, attention_mask, active):
-        """The first pass's (ids, mask, cache) when the active rows' prompts share a cached prefix; else as given.
-
-        The prefix stops one token short of the shortest prompt, so every row feeds at least one token of
-        its own (its logits are read at its last column).
-        """
-        rows = []
-        for row in active:
-            real = attention_mask[row].nonzero().flatten()
-            if len(real) == 0 or int(real[0]) + len(real) != input_ids.shape[1]:
-                return ids, mask, None  # not left-padded: keep the plain first pass
-            rows.append(input_ids[row, int(real[0]) :].tolist())
-        shortest = min(len(r) for r in rows)
-        common = 0
-        first = rows[0]
-        while common < shortest - 1 and all(r[common] == first[common] for r in rows):
-            common += 1
-        found = PREFIX_CACHE.get(self.model, tuple(first[:common]), len(rows) > 1, input_ids.device, self.forward)
-        if found is None:
-            return ids, mask, None
-        length, prefix_past, ran = found
-        self.stats.prefix_length = length
-        if ran:
-            self.stats.prefix_runs += 1
-        else:
-            self.stats.prefix_hits += 1
-        # Each row without the prefix (prompt rest + its first forced run), left-padded to the longest.
-        tails = []
-        for i in range(len(active)):
-            real = mask[i].nonzero().flatten()
-            tails.append((ids[i, int(real[0]) + length :], mask[i, int(real[0]) + length :]))
-        width = max(len(t) for t, _ in tails)
-        new_ids = torch.full((len(active), width), self.pad_token_id, dtype=ids.dtype, device=ids.device)
-        new_mask = torch.zeros((len(active), length + width), dtype=mask.dtype, device=mask.device)
-        new_mask[:, :length] = 1
-        for i, (tail_ids, tail_mask) in enumerate(tails):
-            new_ids[i, width - len(tail_ids) :] = tail_ids
-            new_mask[i, length + width - len(tail_mask) :] = tail_mask
-        past = tuple(tuple(t.expand(len(active), *t.shape[1:]) for t in layer) for layer in prefix_past)
-        return new_ids, new_mask, past
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, past) -> tuple[torch.Tensor, object]:
-        """One pass over `ids` after the cache `past` (mask covers both): the logits (float) at each row's last
-        column, and the new cache."""
-        self.stats.passes += 1
-        width = ids.shape[1]
-        positions = mask.long().cumsum(-1)[:, -width:] - 1
-        positions = positions.masked_fill(mask[:, -width:] == 0, 1)
-        kwargs = {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "position_ids": positions,
-            "past_key_values": past,
-            "use_cache": True,
-            "return_dict": True,
-        }
-        if self.head is not None:  # only the last position goes through the output layer
-            base, head = self.head
-            outputs = base(**kwargs)
-            logits = head(outputs.last_hidden_state[:, -1, :]).float()
-        else:
-            outputs = self.model(**kwargs)
-            logits = outputs.logits[:, -1, :].float()
-        return logits, outputs.past_key_values
-
-    @staticmethod
-    def _shrink(past, mask: torch.Tensor, keep: list[int]):
-        """The cache of the rows in `keep` (legacy tuple cache: per layer (key, value), batch first)."""
-        index = torch.tensor(keep, device=mask.device)
-        shrunk = []
-        for layer in past:
-            if not all(isinstance(t, torch.Tensor) and t.shape[0] == mask.shape[0] for t in layer):
-                raise ValueError("jump-forward decoding needs a per-layer (key, value) cache with batch first")
-            shrunk.append(tuple(t.index_select(0, index) for t in layer))
-        return tuple(shrunk)
-
-
-def _split_head(model):
-    """(decoder, output layer) when logits are exactly output_layer(decoder(...)[0]) (Llama, pretraining_tp 1),
-    so only the last position of each pass needs the output layer; else None (the full forward is used)."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "llama" or getattr(config, "pretraining_tp", 1) > 1:
-        return None
-    base = getattr(model, "model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(base, torch.nn.Module) or not isinstance(head, torch.nn.Linear):
-        return None
-    return base, head
-
-

@@ -62,31 +62,41 @@ def max_new_tokens_for(schema: dict, task: str) -> int:
 
 
 def prompt_ids(lm: LoadedModel, text: str, task: str, phrasing: str | None = None) -> list[int]:
-    """Token ids a generate() call starts from. Pass the text through seen_text first: then nothing is cut
-    here (the token cut training used is left only for a template that alone exceeds max_source_len)."""
+    """Token ids a generate() call starts from: exactly the training row up to the answer, cut as training cuts
+    an over-long prompt (in the middle, keeping the instruction's head and the 'Answer:' tail)."""
     ids = lm.tokenizer.encode(build_prompt(lm.schema, text, task, phrasing), add_special_tokens=False)
     ids = truncate_prompt(ids, int(lm.schema.get("max_source_len", len(ids))))
     return lm.family.build_generation_ids(lm.tokenizer, ids)
 
 
 def seen_text(lm: LoadedModel, text: str, task: str, phrasing: str | None = None) -> str:
-    """The text as the model will see it: all of it when its prompt fits the schema's max_source_len tokens,
-    else its longest start whose prompt does. The triple constraint is given this same text, so every span
-    the decoder copies comes from words the model read (a token cut in the middle, as training cuts, would
-    let it copy from a part the model never saw)."""
+    """The part of the text the triple constraint may copy spans from: all of it when its prompt fits the
+    schema's max_source_len tokens; else the longest start of it that lies inside the head training's cut
+    keeps (core.dataset.truncate_prompt), so every span comes from words the model read. The prompt itself is
+    not changed: it is cut exactly as in training (a prompt rebuilt around a shorter text would be one the
+    model was never trained on)."""
     limit = lm.schema.get("max_source_len")
-
-    def fits(chars: int) -> bool:
-        prompt = build_prompt(lm.schema, text[:chars], task, phrasing)
-        return len(lm.tokenizer.encode(prompt, add_special_tokens=False)) <= int(limit)
-
-    if limit is None or fits(len(text)) or not fits(1):
+    if limit is None:
         return text
-    fitting, too_long = 1, len(text)  # binary search: a few encodes, only for over-long texts
+    encode = lm.tokenizer.encode
+    if len(encode(build_prompt(lm.schema, text, task, phrasing), add_special_tokens=False)) <= int(limit):
+        return text
+    marker = "\x00"
+    before = build_prompt(lm.schema, marker, task, phrasing).split(marker)[0]  # the template up to the text
+    head = int(limit) - min(16, int(limit) // 4)  # the tokens truncate_prompt keeps from the start
+    body = text.strip()
+
+    def inside(chars: int) -> bool:
+        return len(encode(before + body[:chars], add_special_tokens=False)) <= head
+
+    if not inside(1):
+        return body[:1]
+    fitting, too_long = 1, len(body)  # binary search: a few encodes, only for over-long texts
     while too_long - fitting > 1:
         middle = (fitting + too_long) // 2
-        fitting, too_long = (middle, too_long) if fits(middle) else (fitting, middle)
-    return text[:fitting].rstrip()
+        fitting, too_long = (middle, too_long) if inside(middle) else (fitting, middle)
+    # The last character may share a token with the cut; leave it out.
+    return body[: max(1, fitting - 1)].rstrip()
 
 
 def clean_text(text: object) -> tuple[str | None, list[str], str | None]:
@@ -137,8 +147,8 @@ def generate_answers(
     budget = max_new_tokens or max_new_tokens_for(lm.schema, task)
     end_id = lm.family.end_token_id(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
-    seen = [seen_text(lm, text, task, phrasing) for text in texts]
-    rows = [prompt_ids(lm, text, task, phrasing) for text in seen]
+    seen = [seen_text(lm, text, task, phrasing) if task == EXTRACTION else text for text in texts]
+    rows = [prompt_ids(lm, text, task, phrasing) for text in texts]
     max_triples = int(lm.schema.get("max_triples") or 16)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
     answers: list[Answer] = [Answer("", False)] * len(rows)
@@ -182,9 +192,8 @@ def score_answer(lm: LoadedModel, text: str, task: str, answer_ids: Sequence[int
     tok = lm.tokenizer
     end_id = lm.family.end_token_id(tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else end_id
-    text = seen_text(lm, text, task)
     constraint = (grammar.CategoryConstraint(lm.schema["labels"]) if task == CLASSIFICATION
-                  else grammar.TripleConstraint(lm.schema, vocab.text_view(tok, text),
+                  else grammar.TripleConstraint(lm.schema, vocab.text_view(tok, seen_text(lm, text, task)),
                                                 max_triples=int(lm.schema.get("max_triples") or 16)))
     input_ids, mask, extra = left_padded_batch(lm, [prompt_ids(lm, text, task)], pad_id)
     budget = max(max_new_tokens_for(lm.schema, task), len(answer_ids) + 1)
@@ -285,8 +294,8 @@ def predict(
             pred, answer = predictions[i], got.text
             pred.raw[task], pred.hit_limit[task] = answer, got.hit_limit
             if got.seen_chars is not None:
-                pred.warnings.append(f"{task}: the prompt allows {lm.schema['max_source_len']} tokens, so the model "
-                                     f"read the first {got.seen_chars} of {len(pred.text)} characters")
+                pred.warnings.append(f"{task}: the prompt allows {lm.schema['max_source_len']} tokens, so triples "
+                                     f"come from the first {got.seen_chars} of {len(pred.text)} characters")
             if task == CLASSIFICATION:
                 parsed = parse_category(answer, lm.schema["labels"])
                 pred.category = parsed.label

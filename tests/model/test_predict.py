@@ -48,12 +48,13 @@ def test_empty_and_long_texts_never_raise(lm):
     assert any("cut" in w for w in preds[3].warnings)
 
 
-def test_the_triple_constraint_reads_exactly_the_text_the_model_read(lm, texts, monkeypatch):
-    """A text whose prompt exceeds max_source_len is cut at its end to the longest start whose prompt fits,
-    and the triple constraint is given that same start: the decoder copies no span from words the model
-    never saw (a token cut in the middle, as training cuts, hid the middle from the model only)."""
+def test_the_triple_constraint_reads_only_text_the_model_read(lm, texts, monkeypatch):
+    """A prompt over max_source_len is cut in the middle exactly as training cuts it, and the triple constraint
+    is given the start of the text that lies inside the head the cut keeps: the decoder copies no span from
+    words the model never saw, and the model still sees the prompt it was trained on."""
+    from core.dataset import truncate_prompt
     from model import grammar, vocab
-    from model.predict import seen_text
+    from model.predict import prompt_ids, seen_text
 
     def prompt_tokens(text):
         return len(lm.tokenizer.encode(build_prompt(lm.schema, text, EXTRACTION), add_special_tokens=False))
@@ -62,8 +63,12 @@ def test_the_triple_constraint_reads_exactly_the_text_the_model_read(lm, texts, 
     long_text = "".join(ch for ch in "".join(texts[6:]) * 10 if not ch.isspace())[:1900]
     assert prompt_tokens(long_text) > limit
     seen = seen_text(lm, long_text, EXTRACTION)
-    assert long_text.startswith(seen)
-    assert prompt_tokens(seen) <= limit < prompt_tokens(long_text[: len(seen) + 1])
+    assert long_text.startswith(seen) and 0 < len(seen) < len(long_text)
+    full = lm.tokenizer.encode(build_prompt(lm.schema, long_text, EXTRACTION), add_special_tokens=False)
+    assert prompt_ids(lm, long_text, EXTRACTION) == lm.family.build_generation_ids(
+        lm.tokenizer, truncate_prompt(full, limit))  # the training cut, prompt unchanged
+    head = lm.tokenizer.decode(truncate_prompt(full, limit)[: limit - min(16, limit // 4)])
+    assert seen in head and long_text[: len(seen) + 40] not in head
     assert seen_text(lm, texts[6], EXTRACTION) == texts[6]  # a prompt that fits is not touched
 
     given = []
@@ -76,9 +81,9 @@ def test_the_triple_constraint_reads_exactly_the_text_the_model_read(lm, texts, 
     monkeypatch.setattr(grammar, "TripleConstraint", Recording)
     pred = predict(lm, [long_text, texts[6]], tasks=(EXTRACTION,), batch_size=2)
     assert sorted(given) == sorted(vocab.text_view(lm.tokenizer, t) for t in (seen, texts[6]))
-    assert f"extraction: the prompt allows {limit} tokens, so the model read the first {len(seen)} of " \
+    assert f"extraction: the prompt allows {limit} tokens, so triples come from the first {len(seen)} of " \
            f"{len(long_text)} characters" in pred[0].warnings
-    assert not any("read the first" in w for w in pred[1].warnings)
+    assert not any("come from the first" in w for w in pred[1].warnings)
     assert all(t.subject in seen and t.object in seen for t in pred[0].triples)
 
 

@@ -1,0 +1,80 @@
+"""model.feeders through model.decode_check: jump-forward on each ChatGLM double (loaded through trust_remote_code,
+as a user's ChatGLM directory is) gives, token for token, the answers of HF generate() one token per pass
+under the same rules, in fewer passes; and the check's CLI passes on the causal tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.dataset import CLASSIFICATION, DEV_FILE, EXTRACTION, read_jsonl
+from model import decode_check
+from model.load import load_merged
+from model.parsing import parse_triples
+from model.vocab import decode_answer, vocab_for
+from tests.doubles.build import DOUBLES
+
+
+def favour_triples(lm, bias: float = 6.0):
+    """Lift the logits of tokens holding '{' so a briefly trained double writes triples (it would answer [])
+    and the spans it copies put many real choices through both ways. Both ways call the same output layer."""
+    strings = vocab_for(lm.tokenizer).strings
+    head = lm.model.get_output_embeddings()
+    lift = torch.zeros(head.weight.shape[0])
+    lift[[i for i, s in enumerate(strings) if s and "{" in s]] = bias
+    return head.register_forward_hook(lambda module, args, out: out + lift.to(out.dtype))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", DOUBLES)
+def test_chatglm_jump_forward_gives_the_answers_of_generate(kind, double_merged, small_data):
+    lm = load_merged(double_merged(kind), device="cpu")
+    examples = read_jsonl(small_data / DEV_FILE)
+    comments = [ex.text for ex in examples if ex.task == CLASSIFICATION][:8]
+    report = decode_check.compare(lm, comments, CLASSIFICATION, batch_size=4)
+    assert report["identical"] == report["n"] == len(comments), report["first_difference"]
+    sentences = [ex.text for ex in examples if ex.task == EXTRACTION][:8]
+    hook = favour_triples(lm)
+    try:
+        report = decode_check.compare(lm, sentences, EXTRACTION, batch_size=4)
+        assert report["identical"] == report["n"] == len(sentences), report["first_difference"]
+        assert report["passes"]["jump"] * 2 < report["passes"]["generate"], report["passes"]
+        # The answers hold triples, so spans were compared, not only the empty list.
+        from model.predict import generate_answers
+
+        answers = generate_answers(lm, sentences, EXTRACTION, batch_size=4)
+    finally:
+        hook.remove()
+    assert sum(len(parse_triples(decode_answer(lm.tokenizer, a.ids)).triples) for a in answers) > 0
+
+
+def test_decode_check_cli_passes_on_the_causal_model(merged_model, data_dir, capsys):
+    reports = decode_check.main(["--model", str(merged_model), "--data", str(data_dir / DEV_FILE), "--n", "6",
+                                 "--device", "cpu"])
+    assert [r["task"] for r in reports] == [CLASSIFICATION, EXTRACTION]
+    assert all(r["identical"] == r["n"] == 6 for r in reports)
+    assert '"identical": 6' in capsys.readouterr().out
+
+
+def test_same_rules_processor_finds_a_feeder_that_lies(merged_model, data_dir, monkeypatch):
+    """The check can fail: a feeder that loses its cache (each pass sees only the tokens it feeds, as if mask and
+    positions were wrong) gives other answers than generate()."""
+    from model import feeders
+
+    lm = load_merged(merged_model, device="cpu")
+    texts = [ex.text for ex in read_jsonl(data_dir / DEV_FILE) if ex.task == EXTRACTION][:6]
+    original = feeders.CausalFeeder.forward
+
+    def forgetful(self, ids, mask, past):
+        if past is None:
+            return original(self, ids, mask, past)
+        logits, _ = original(self, ids, mask[:, -ids.shape[1] :], None)
+        return logits, original(self, ids, mask, past)[1]
+
+    monkeypatch.setattr(feeders.CausalFeeder, "forward", forgetful)
+    hook = favour_triples(lm)
+    try:
+        report = decode_check.compare(lm, texts, EXTRACTION, batch_size=3)
+    finally:
+        hook.remove()
+    assert report["identical"] < report["n"]
