@@ -182,10 +182,15 @@ def derive_schema(examples: list[Example]) -> dict:
     }
 
 
+def kept_head_length(max_len: int) -> int:
+    """How many tokens from its start `truncate_prompt` keeps of a prompt longer than max_len."""
+    return max_len - min(16, max_len // 4)
+
+
 def truncate_prompt(ids: list[int], max_len: int) -> list[int]:
     """Cut a too-long prompt in the middle (the sentence), keeping its head (the instruction)
     and its tail ('Answer: '), so the model still sees what it is asked and where to answer."""
     if len(ids) <= max_len:
         return ids
-    tail = min(16, max_len // 4)
-    return ids[: max_len - tail] + ids[len(ids) - tail :]
+    head = kept_head_length(max_len)
+    return ids[:head] + ids[len(ids) - (max_len - head) :]

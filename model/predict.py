@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from core.dataset import CLASSIFICATION, EXTRACTION, TASKS, truncate_prompt
+from core.dataset import CLASSIFICATION, EXTRACTION, TASKS, kept_head_length, truncate_prompt
 from model import confidence, decoding, grammar, vocab
 from model.load import LoadedModel
 from model.parsing import Triple, format_category, parse_category, parse_triples
@@ -83,7 +83,7 @@ def seen_text(lm: LoadedModel, text: str, task: str, phrasing: str | None = None
         return text
     marker = "\x00"
     before = build_prompt(lm.schema, marker, task, phrasing).split(marker)[0]  # the template up to the text
-    head = int(limit) - min(16, int(limit) // 4)  # the tokens truncate_prompt keeps from the start
+    head = kept_head_length(int(limit))
     body = text.strip()
 
     def inside(chars: int) -> bool:
