@@ -84,42 +84,6 @@ def verdict(ratio: float, target: float) -> str:
     return "PASS" if ratio >= target else "SHORT"
 
 
-def build_trained_model(
-    workdir: Path,
-    data_dir: str,
-    hidden_size: int,
-    num_layers: int,
-    intermediate_size: int,
-    train_args: list[str],
-) -> Path:
-    """tiny base -> finetune.train -> finetune.merge, in this process, through the real CLIs' entry points.
-
-    Returns the merged model directory. Training output goes to workdir/train.log to keep the
-    benchmark's own output readable.
-    """
-    import contextlib
-
-    from finetune import merge, train
-    from finetune.tiny import TinyConfig, build_tiny
-
-    base = build_tiny(
-        TinyConfig(
-            output_dir=str(workdir / "base"),
-            data_dir=data_dir,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            num_heads=max(1, hidden_size // 32),
-            intermediate_size=intermediate_size,
-        )
-    )
-    run = workdir / "run"
-    log = workdir / "train.log"
-    with log.open("w", encoding="utf-8") as handle, contextlib.redirect_stdout(handle):
-        train.main(["--base-model", str(base), "--data-dir", data_dir, "--output-dir", str(run), *train_args])
-        merged = merge.main(["--run", str(run), "--dtype", "fp32"])
-    return Path(merged)
-
-
 def refuse_invalid(problems: list[str]) -> None:
     """Stop with every problem of a benchmark's config at once, before anything slow starts."""
     if problems:

@@ -1,9 +1,9 @@
 """Where labelling's time goes on a CPU: the evidence behind bench/README.md, reproducible.
 
-    python -m bench.label_profile [--model DIR] [--n-texts 64]
+    python -m bench.label_profile [--family causal|chatglm_v1|chatglm2] [--model DIR] [--n-texts 64]
 
-Not a benchmark with a target; a diagnostic for bench.label_throughput (same tiny model unless
---model is given). Prints:
+Not a benchmark with a target; a diagnostic for bench.label_throughput (the same benchmark model,
+bench.models, unless --model is given). Prints:
   1. the cost of one decode step (KV cache on) at batch 1, 8, 32: the per-row floor batching can reach;
      and of one pass that feeds 4-16 tokens per row (what jump-forward decoding feeds);
   2. model.predict comments/s at batch sizes 1, 8, 16, 32;
@@ -21,13 +21,13 @@ import collections
 import cProfile
 import io
 import pstats
-import tempfile
 import time
 from pathlib import Path
 
 from bench.common import machine_line, set_threads
 from bench.label_throughput import BenchConfig as LabelConfig
 from bench.label_throughput import get_model
+from bench.models import FAMILIES
 
 
 def step_cost(lm, batch: int, new: int = 1, context: int = 200, steps: int = 50) -> float:
@@ -110,6 +110,7 @@ def time_split(lm, texts: list[str]) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--family", default="causal", choices=FAMILIES)
     parser.add_argument("--n-texts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -118,9 +119,8 @@ def main(argv=None) -> None:
     from model.load import load_merged
     from model.predict import predict
 
-    cfg = LabelConfig(model=args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        lm = load_merged(get_model(cfg, Path(tmp)))
+    cfg = LabelConfig(model=args.model, family=args.family)
+    lm = load_merged(get_model(cfg))
     print(machine_line())
     texts = [ex.text for ex in load_split(cfg.data_dir, "dev")][: args.n_texts]
     predict(lm, texts[:2])  # warm-up

@@ -17,6 +17,7 @@ drops finished rows. Each returns the float logits at every row's last column.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -174,6 +175,35 @@ def _split_head(model):
     return base, head
 
 
+@contextlib.contextmanager
+def last_position_only(model, batch: int, width: int):
+    """While active, the model's output layer sees only the last sequence position of its input.
+
+    The layer's input is (batch, seq, hidden) in some remote code and (seq, batch, hidden) in others (THUDM's v1
+    applies it before moving the batch first); the layout is read from the shape, and where batch == width
+    cannot tell them apart, nothing is cut (the full forward, as before). The logits then have one position,
+    which is all the first pass reads.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module) or batch == width:
+        yield
+        return
+
+    def cut(_module, args):
+        hidden = args[0]
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == (batch, width):
+            return (hidden[:, -1:], *args[1:])
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == (width, batch):
+            return (hidden[-1:], *args[1:])
+        return None  # already cut (v2/3's return_last_logit) or a layout we do not know: leave it
+
+    handle = head.register_forward_pre_hook(cut)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class ChatGLMFeeder:
     """ChatGLM-6B v1 and ChatGLM2/3 through their remote code; their KV cache is per layer (key, value) of
     (seq, batch, heads, head_dim), so the batch is at dim 1.
@@ -215,7 +245,11 @@ class ChatGLMFeeder:
         self.last = positions[..., -1]
         self.step = self._position_step(positions)
         self.stats.passes += 1
-        outputs = self.model(**inputs, return_dict=True)
+        # v2/3's own inputs ask for the last position's logits only (return_last_logit); v1's forward has no
+        # such switch and puts every prompt position through its 130,528-row output layer, which was most of
+        # the first pass's time on a CPU: the hook hands that layer the last position alone.
+        with last_position_only(self.model, *input_ids.shape):
+            outputs = self.model(**inputs, return_dict=True)
         self.past = outputs.past_key_values
         return outputs.logits[:, -1, :].float(), [list(run) for run in runs]
 
@@ -249,10 +283,11 @@ class ChatGLMFeeder:
             mask = self.seen
         kwargs = {"return_last_logit": True} if self.last_logit_only else {}
         self.stats.passes += 1
-        outputs = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.past,
-            use_cache=True, return_dict=True, **kwargs,
-        )
+        with last_position_only(self.model, *ids.shape):  # v1: a pass may feed many forced tokens per row
+            outputs = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.past,
+                use_cache=True, return_dict=True, **kwargs,
+            )
         self.past = outputs.past_key_values
         return outputs.logits[:, -1, :].float()
 

@@ -78,3 +78,50 @@ def test_same_rules_processor_finds_a_feeder_that_lies(merged_model, data_dir, m
     finally:
         hook.remove()
     assert report["identical"] < report["n"]
+
+
+class TwoLayouts(torch.nn.Module):
+    """A stand-in model whose output layer gets (batch, seq, hidden) or, like THUDM's v1, (seq, batch, hidden)."""
+
+    def __init__(self, seq_first: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 8)
+        self.head = torch.nn.Linear(8, 50, bias=False)
+        self.seq_first = seq_first
+        self.head_saw = []
+        self.head.register_forward_hook(lambda module, args, out: self.head_saw.append(tuple(args[0].shape)))
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids):
+        hidden = self.embed(input_ids).cumsum(1)  # each position depends on the ones before it
+        if self.seq_first:
+            return self.head(hidden.transpose(0, 1)).transpose(0, 1)
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("seq_first", [False, True])
+def test_only_the_last_position_goes_through_the_output_layer(seq_first):
+    from model.feeders import last_position_only
+
+    model = TwoLayouts(seq_first)
+    ids = torch.randint(0, 50, (3, 7))
+    full = model(ids)
+    with last_position_only(model, *ids.shape):
+        cut = model(ids)
+    assert cut.shape == (3, 1, 50)
+    assert torch.allclose(cut[:, -1], full[:, -1], atol=1e-6)
+    assert model.head_saw[-1] == ((1, 3, 8) if seq_first else (3, 1, 8))
+    model(ids)  # the hook is gone afterwards
+    assert model.head_saw[-1] == ((7, 3, 8) if seq_first else (3, 7, 8))
+
+
+def test_a_square_batch_is_not_cut_because_its_layout_cannot_be_told():
+    from model.feeders import last_position_only
+
+    model = TwoLayouts(seq_first=True)
+    ids = torch.randint(0, 50, (4, 4))
+    with last_position_only(model, *ids.shape):
+        assert model(ids).shape == (4, 4, 50)
