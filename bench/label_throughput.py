@@ -1,6 +1,6 @@
 """Labelling throughput: the tutorial playground's one-at-a-time generate vs model.predict as the app uses it.
 
-    python -m bench.label_throughput [--family causal|chatglm_v1|chatglm2] [--n-texts 200] [--rounds 6]
+    python -m bench.label_throughput [--family causal|chatglm_v1|chatglm2|qwen3] [--n-texts 200] [--rounds 6]
                                      [--model DIR]
 
 Every text gets both answers (category and triples), both ways, on the same merged model:

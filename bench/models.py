@@ -1,6 +1,6 @@
 """One trained tiny model per family, built once and reused by every benchmark run that asks for it.
 
-    python -m bench.models causal|chatglm_v1|chatglm2 [--data-dir data] [--root runs/bench/models] [--rebuild]
+    python -m bench.models causal|chatglm_v1|chatglm2|qwen3 [--data-dir data] [--root runs/bench/models] [--rebuild]
 
 The labelling benchmarks need a model that answers in the training format and stops, or the tutorial's
 unconstrained way would run to its 300-token limit on every answer and the ratio would flatter us. A
@@ -13,6 +13,8 @@ Families (the base models are random, so every recipe is a full fine-tune: LoRA 
   chatglm_v1  the ChatGLM-6B test double (tests/doubles: THUDM-shaped remote code, sentencepiece
               tokenizer, 130,528-row vocabulary), loaded through trust_remote_code like a user's dir
   chatglm2    the ChatGLM2-6B test double (multi-query attention, [seq, batch, groups, dim] KV cache)
+  qwen3       finetune.tiny --arch qwen3 (transformers' own Qwen3 at the causal model's widths), the demo
+              preset: the modern lane (transformers 5) only
 The ChatGLM doubles train fewer steps on shorter rows: their 130k-row (v1) output layer makes a CPU step
 several times dearer than the causal model's, and the benchmark needs the answer shape, not accuracy.
 """
@@ -27,7 +29,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-FAMILIES = ("causal", "chatglm_v1", "chatglm2")
+FAMILIES = ("causal", "chatglm_v1", "chatglm2", "qwen3")
+TINY_ARCH = {"causal": "llama", "qwen3": "qwen3"}  # families built by finetune.tiny
 MERGED = {family: f"{family}_merged" for family in FAMILIES}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +41,7 @@ class Recipe:
 
     family: str
     train_args: tuple[str, ...]
-    hidden_size: int = 0  # causal only (finetune.tiny); the doubles have their own fixed widths
+    hidden_size: int = 0  # finetune.tiny families only; the doubles have their own fixed widths
     num_layers: int = 0
     intermediate_size: int = 0
 
@@ -48,6 +51,8 @@ _DOUBLE_ARGS = ("--config", "finetune/configs/demo_cpu.yaml", "--seed", "0", "--
 RECIPES = {
     "causal": Recipe("causal", ("--config", "finetune/configs/demo_cpu.yaml", "--seed", "0"),
                      hidden_size=128, num_layers=2, intermediate_size=256),
+    "qwen3": Recipe("qwen3", ("--config", "finetune/configs/demo_cpu.yaml", "--seed", "0"),
+                    hidden_size=128, num_layers=2, intermediate_size=256),
     # lens 128/64 keep most comments whole and the first triple of an answer; 300 steps reach eval loss ~1.1
     # and answers that stop (16 s of training on 2 cores).
     "chatglm2": Recipe("chatglm2", _DOUBLE_ARGS + ("--max-steps", "300", "--eval-steps", "300", "--learning-rate",
@@ -60,12 +65,12 @@ RECIPES = {
 
 
 def build_base(recipe: Recipe, out: Path, data_dir: str) -> Path:
-    if recipe.family == "causal":
+    if recipe.family in TINY_ARCH:
         from finetune.tiny import TinyConfig, build_tiny
 
         return build_tiny(TinyConfig(output_dir=str(out), data_dir=data_dir, hidden_size=recipe.hidden_size,
                                      num_layers=recipe.num_layers, num_heads=max(1, recipe.hidden_size // 32),
-                                     intermediate_size=recipe.intermediate_size))
+                                     intermediate_size=recipe.intermediate_size, arch=TINY_ARCH[recipe.family]))
     from tests.doubles.build import build
 
     return build(recipe.family, out, Path(data_dir))

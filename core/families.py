@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from core import compat
+
 IGNORE_INDEX = -100
 # Where a model folder keeps its weights (sharded or not); checked before transformers would look elsewhere.
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -47,27 +49,42 @@ class Family:
     def prompt_prefix(self, tokenizer) -> list[int]:
         if self.name == "chatglm2":
             return list(tokenizer.get_prefix_tokens())  # [gMASK], sop
+        if self.name == "glm":
+            # GLM-4's own chat template opens every conversation with these two tokens; its tokenizer does not
+            # add them to a plain encode, so the plain prompt starts with them as the model was trained.
+            ids = [tokenizer.convert_tokens_to_ids(token) for token in GLM_PREFIX_TOKENS]
+            if any(i is None or i == tokenizer.unk_token_id for i in ids):
+                raise ValueError(f"a glm model's tokenizer needs the tokens {GLM_PREFIX_TOKENS}; this one lacks them")
+            return list(ids)
         if self.name == "causal" and tokenizer.bos_token_id is not None:
             return [tokenizer.bos_token_id]
-        return []
+        return []  # Qwen2/3: no bos token
 
     def end_token_id(self, tokenizer) -> int:
         return tokenizer.eos_token_id
 
 
+GLM_PREFIX_TOKENS = ("[gMASK]", "<sop>")
+# LoRA on the attention projections, named explicitly for every family (peft has no default for some of them).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
 CHATGLM = Family("chatglm", ("query_key_value",), trust_remote_code=True, attention_mask_in_training=False)
 CHATGLM2 = Family("chatglm2", ("query_key_value",), trust_remote_code=True, attention_mask_in_training=True)
-CAUSAL = Family(
-    "causal", ("q_proj", "k_proj", "v_proj", "o_proj"), trust_remote_code=False, attention_mask_in_training=True
-)
-FAMILIES = {f.name: f for f in (CHATGLM, CHATGLM2, CAUSAL)}
+CAUSAL = Family("causal", ATTENTION_PROJECTIONS, trust_remote_code=False, attention_mask_in_training=True)
+# The modern lane's families (transformers' own code, no remote code): GLM-4 (model types glm: glm-4-9b-chat-hf;
+# glm4: GLM-4-9B-0414) and Qwen2/2.5/3 (qwen2, qwen3).
+GLM = Family("glm", ATTENTION_PROJECTIONS, trust_remote_code=False, attention_mask_in_training=True)
+QWEN = Family("qwen", ATTENTION_PROJECTIONS, trust_remote_code=False, attention_mask_in_training=True)
+FAMILIES = {f.name: f for f in (CHATGLM, CHATGLM2, CAUSAL, GLM, QWEN)}
+FAMILY_OF_MODEL_TYPE = {"glm": GLM, "glm4": GLM, "qwen2": QWEN, "qwen3": QWEN}
 
 
 def detect_family(config) -> Family:
     """ChatGLM-6B v1 and ChatGLM2/3 share model_type 'chatglm'; v2/3 use multi-query attention."""
-    if getattr(config, "model_type", None) == "chatglm":
+    model_type = getattr(config, "model_type", None)
+    if model_type == "chatglm":
         return CHATGLM2 if getattr(config, "multi_query_attention", False) else CHATGLM
-    return CAUSAL
+    return FAMILY_OF_MODEL_TYPE.get(model_type, CAUSAL)
 
 
 def read_model_config(model_dir: str | Path):
@@ -113,8 +130,26 @@ def forget_remote_code(model_dir: str | Path) -> None:
     _REMOTE_CODE_FROM[name] = model_dir
 
 
+class LaneError(RuntimeError):
+    """The model's family does not run on the installed transformers (README: "Which lane")."""
+
+
+def check_lane(model_dir: str | Path, family: Family) -> None:
+    """ChatGLM-6B v1 and ChatGLM2/3 run through THUDM's remote code, written for transformers 4.x: on 5.x it
+    fails (THUDM's ChatGLM3 code at model construction: its config has no max_length). Say so before it does."""
+    if family.trust_remote_code and compat.transformers_major() >= 5:
+        import transformers
+
+        raise LaneError(
+            f"{model_dir} is a {family.name} model: its remote code runs on the legacy lane (transformers 4.33.3, "
+            f"Python 3.10/3.11), not on transformers {transformers.__version__}. Install it with "
+            "`make venv LANE=legacy` and run this command with .venv/bin/python."
+        )
+
+
 def load_tokenizer(model_dir: str | Path, family: Family):
     """Tokenizer from a local dir only: remote code is trusted for the dir the user named, never a hub id."""
+    check_lane(model_dir, family)
     from transformers import AutoTokenizer
 
     if family.trust_remote_code:
@@ -140,9 +175,11 @@ def load_model(model_dir: str | Path, family: Family, torch_dtype=None):
     # ChatGLM-6B registers its LM-head class under AutoModel in its auto_map (v1 has no
     # AutoModelForCausalLM entry), so both ChatGLM families load through AutoModel.
     loader = AutoModel if family.name.startswith("chatglm") else AutoModelForCausalLM
+    check_lane(model_dir, family)
     if family.trust_remote_code:
         forget_remote_code(model_dir)
+    dtype = {compat.dtype_keyword(): torch_dtype} if torch_dtype is not None else {}
     model = loader.from_pretrained(
-        str(model_dir), trust_remote_code=family.trust_remote_code, torch_dtype=torch_dtype, local_files_only=True
+        str(model_dir), trust_remote_code=family.trust_remote_code, local_files_only=True, **dtype
     )
     return model

@@ -21,7 +21,16 @@ from pathlib import Path
 from core import safe_io
 from core.config import parse_config
 from core.dataset import PROMPT_TEMPLATE
-from core.families import DTYPE_NAMES, Family, detect_family, load_model, load_tokenizer, read_model_config, torch_dtype
+from core.families import (
+    DTYPE_NAMES,
+    Family,
+    LaneError,
+    detect_family,
+    load_model,
+    load_tokenizer,
+    read_model_config,
+    torch_dtype,
+)
 from core.safe_io import OLD_MARK, TMP_MARK, OutputError, OutputLock, check_writable, recover_dir, side_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -237,7 +246,7 @@ def main(argv=None) -> Path:
     cfg = parse_config(MergeConfig, argv, __doc__)
     try:
         return merge(cfg)
-    except MergeError as err:
+    except (MergeError, LaneError) as err:
         raise SystemExit(f"merge failed: {err}") from None
 
 

@@ -25,7 +25,15 @@ from pathlib import Path
 
 from core import dataset
 from core.config import parse_config
-from core.families import WEIGHT_PATTERNS, Family, family_of_dir, load_model, load_tokenizer, torch_dtype
+from core.families import (
+    WEIGHT_PATTERNS,
+    Family,
+    LaneError,
+    family_of_dir,
+    load_model,
+    load_tokenizer,
+    torch_dtype,
+)
 from core.safe_io import (
     OLD_MARK,
     TMP_MARK,
@@ -334,47 +342,68 @@ def make_trainer_class(precision: str):
         running mean instead (0.0 here), and eval_loss nan is then saved as the best. The check costs one
         device sync per micro-batch, nothing next to a forward and backward pass.
 
-        The Trainer's final train_loss is (loss summed since this process started) / global_step, so after a
-        resume at step N it leaves out steps 1..N but divides by all of them (5.09 logged for a true 7.65).
-        Each checkpoint therefore also keeps the summed loss of its steps (loss_sum.json), and the final
-        mean adds the sum the resumed checkpoint had.
+        After a resume at step N the Trainer's final train_loss leaves out steps 1..N (4.33 still divides by
+        all steps: 5.09 logged for a true 7.65). Each checkpoint therefore also keeps the summed loss of its
+        steps (loss_sum.json), and the final mean is that sum plus this process's, over all steps.
         """
 
         resumed_step = 0
         loss_sum_before = None  # summed loss of steps 1..resumed_step, if the checkpoint kept it
         true_train_loss = None
 
-        def _maybe_log_save_evaluate(self, tr_loss, model, trial, epoch, ignore_keys_for_eval):
-            if self.control.should_save:  # the sum so far, before a log folds tr_loss into _total_loss_scalar
-                self._loss_sum_now = (self.loss_sum_before or 0.0) + self._total_loss_scalar + float(
-                    self._nested_gather(tr_loss).mean().item())
-            return super()._maybe_log_save_evaluate(tr_loss, model, trial, epoch, ignore_keys_for_eval)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # What training_step returned since this process started; the Trainer's own running sum sits in
+            # private attributes that transformers 5 reshaped, this one is ours on both lanes.
+            self.loss_sum_here = None
+            self.add_callback(WriteLossSum(self))
 
-        def _save_checkpoint(self, model, trial, metrics=None):
-            super()._save_checkpoint(model, trial, metrics=metrics)
-            known = self.loss_sum_before is not None or not self.resumed_step
-            if self.args.should_save and known:
-                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-                atomic_write_json(folder / LOSS_SUM_FILE, {"global_step": self.state.global_step,
-                                                           "loss_sum": getattr(self, "_loss_sum_now", None)})
+        def loss_sum_now(self) -> float:
+            """Summed loss of steps 1..now: the resumed checkpoint's plus this process's (mean over ranks)."""
+            import torch
 
-        def log(self, logs):
-            if "train_loss" in logs and self.resumed_step and self.state.global_step:
-                steps = self.state.global_step
-                if self.loss_sum_before is not None:
-                    logs["train_loss"] = (logs["train_loss"] * steps + self.loss_sum_before) / steps
+            here = self.loss_sum_here if self.loss_sum_here is not None else torch.zeros((), device=self.args.device)
+            here = here.detach().clone().to(self.args.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(here)
+                here /= torch.distributed.get_world_size()
+            return (self.loss_sum_before or 0.0) + float(here.item())
+
+        def log(self, logs, *args, **kwargs):
+            # The final train_loss, from our own sums: transformers 4.33 divides the loss of this process's
+            # steps by all steps (5.09 for a true 7.65 after a resume), 5.x by this process's steps only.
+            steps = self.state.global_step
+            if "train_loss" in logs and steps:
+                if self.loss_sum_before is not None or not self.resumed_step:
+                    logs["train_loss"] = self.loss_sum_now() / steps
                 elif steps > self.resumed_step:  # the checkpoint predates loss_sum.json: the resumed steps' mean
-                    logs["train_loss"] = logs["train_loss"] * steps / (steps - self.resumed_step)
-            if "train_loss" in logs:
+                    logs["train_loss"] = self.loss_sum_now() / (steps - self.resumed_step)
                 self.true_train_loss = logs["train_loss"]
-            return super().log(logs)
+            return super().log(logs, *args, **kwargs)
 
-        def training_step(self, model, inputs):
-            loss = super().training_step(model, inputs)
+        def training_step(self, model, inputs, *args, **kwargs):
+            loss = super().training_step(model, inputs, *args, **kwargs)
             if not bool(loss.isfinite().all()):
                 raise NonFiniteLoss(non_finite_message("the training loss", loss.item(), self.state.global_step + 1,
                                                        precision))
+            step_loss = loss.detach()
+            self.loss_sum_here = step_loss if self.loss_sum_here is None else self.loss_sum_here + step_loss
             return loss
+
+    class WriteLossSum(TrainerCallback):
+        """on_save runs on every rank right after a checkpoint is written: loss_sum.json goes into it."""
+
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_save(self, args, state, control, **kwargs):
+            trainer = self.trainer
+            known = trainer.loss_sum_before is not None or not trainer.resumed_step
+            total = trainer.loss_sum_now() if known else None  # every rank joins the all_reduce
+            if args.should_save and known:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    atomic_write_json(folder / LOSS_SUM_FILE, {"global_step": state.global_step, "loss_sum": total})
 
     class StopOnNonFiniteEval(TrainerCallback):
         """on_log runs after evaluate() and before the checkpoint (and best_metric) is saved."""
@@ -404,7 +433,7 @@ def main(argv=None, callbacks: Sequence = ()) -> Path:
             return train(cfg, callbacks)
     except (NonFiniteLoss, OutputError) as err:
         raise SystemExit(str(err)) from None
-    except dataset.DataError as err:
+    except (dataset.DataError, LaneError) as err:
         raise SystemExit(f"error: {err}") from None
 
 
@@ -529,12 +558,13 @@ def setup(cfg: TrainConfig) -> Run:
 def training_arguments(run: Run):
     """transformers TrainingArguments for the run: schedule, evaluation and checkpoints, precision, devices."""
     import torch
-    from transformers import TrainingArguments
+
+    from core import compat
 
     cfg = run.cfg
     use_cuda = torch.cuda.is_available()
     has_dev = bool(run.dev_set)
-    return TrainingArguments(
+    return compat.training_arguments(
         output_dir=str(run.checkpoint_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,

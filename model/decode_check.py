@@ -21,6 +21,7 @@ from transformers import LogitsProcessor
 
 from core.config import parse_config
 from core.dataset import CLASSIFICATION, DEV_FILE, EXTRACTION, read_jsonl
+from model import feeders
 from model.confidence import constrained_logprobs
 from model.grammar import INF
 from model.matcher import RowMatcher, row_matchers
@@ -93,7 +94,9 @@ def compare(lm, texts: list[str], task: str, batch_size: int = 8) -> dict:
         return [grammar.TripleConstraint(lm.schema, view, max_triples=max_triples) for view in views]
 
     calls = [0]
-    hook = lm.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    # On the module both ways run: jump-forward calls a Llama-like decoder apart from its output layer.
+    counted = feeders.pass_module(lm.model)
+    hook = counted.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]

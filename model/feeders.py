@@ -23,6 +23,7 @@ import inspect
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from core import compat
 from model.prefix_cache import PREFIX_CACHE
 
 
@@ -61,6 +62,8 @@ class CausalFeeder:
         self.stats = stats
         self.prefix_cache = prefix_cache
         self.head = _split_head(model)
+        self.runs = model if self.head is None else self.head[0]  # the module a pass calls
+        self.cache_keyword = compat.cache_keyword(self.runs)
         self.mask: torch.Tensor | None = None
         self.past = None
 
@@ -148,7 +151,7 @@ class CausalFeeder:
             "input_ids": ids,
             "attention_mask": mask,
             "position_ids": positions,
-            "past_key_values": past,
+            self.cache_keyword: compat.cache_for_model(self.runs, past),  # a Cache object for transformers 5
             "use_cache": True,
             "return_dict": True,
         }
@@ -159,14 +162,25 @@ class CausalFeeder:
         else:
             outputs = self.model(**kwargs)
             logits = outputs.logits[:, -1, :].float()
-        return logits, outputs.past_key_values
+        return logits, compat.output_cache(outputs)
+
+
+# Model types whose logits are lm_head(model(...)[0]) with nothing in between (no logit scaling or soft-capping).
+SPLIT_HEAD_TYPES = ("llama", "qwen2", "qwen3", "glm", "glm4")
+
+
+def pass_module(model):
+    """The module every forward pass runs, whichever way it is fed: the decoder under the output layer where
+    the feeder calls them apart (Llama, Qwen, GLM), else the model. Counting its calls counts passes."""
+    split = _split_head(model)
+    return model if split is None else split[0]
 
 
 def _split_head(model):
     """(decoder, output layer) when logits are exactly output_layer(decoder(...)[0]) (Llama, pretraining_tp 1),
     so only the last position of each pass needs the output layer; else None (the full forward is used)."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "llama" or getattr(config, "pretraining_tp", 1) > 1:
+    if getattr(config, "model_type", None) not in SPLIT_HEAD_TYPES or getattr(config, "pretraining_tp", 1) > 1:
         return None
     base = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -74,6 +74,23 @@ def direct(lm, text: str) -> tuple[str, set[tuple[str, str, str]]]:
 # --------------------------------------------------------------------------- home page
 
 
+def assert_home_answers_like_predict(page, merged: Path, tmp_path: Path, comment: str = COMMENTS[1]) -> None:
+    """A fresh server on `merged`: its home page shows, for one comment, what model.predict gives directly."""
+    from model.load import load_merged
+
+    server = start_server(merged, tmp_path)
+    try:
+        open_page(page, server)
+        label_comment(page, comment)
+        category, triples = shown_result(page)
+        lm = load_merged(merged, device="cpu")
+        assert category in lm.schema["labels"]
+        assert (category, triples) == direct(lm, comment)
+        no_exception(page)
+    finally:
+        stop_server(server)
+
+
 def test_home_labels_a_comment(page, server, direct_model):
     open_page(page, server)
     page.get_by_role("button", name="酒店").click()  # an example button fills the box

@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from core.families import CAUSAL, load_model
 from finetune import merge
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def test_merged_logits_equal_adapter_logits(nonzero_run, tiny_base, tmp_path, dt
         AutoModelForCausalLM.from_pretrained(str(tiny_base)), str(nonzero_run / "adapter")
     )
     adapter_logits = logits(adapter.eval(), ids)
-    merged = AutoModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32)
+    merged = load_model(out, CAUSAL, torch_dtype=torch.float32)
     merged_logits = logits(merged, ids)
     assert (adapter_logits - base_logits).abs().max() > 20 * atol  # the adapter matters, so the check can fail
     assert torch.allclose(merged_logits, adapter_logits, atol=atol)

@@ -4,6 +4,7 @@ Session-scoped, so the split test modules build each once."""
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 
 import pytest
@@ -95,13 +96,25 @@ def sp_tokenizer(tmp_path_factory, train):
         remove_extra_whitespaces=False,
         minloglevel=2,
     )
-    return LlamaTokenizer(str(prefix) + ".model", legacy=True)
+    if "vocab_file" in inspect.signature(LlamaTokenizer.__init__).parameters:  # transformers 4.x: sentencepiece itself
+        return LlamaTokenizer(str(prefix) + ".model", legacy=True)
+    # transformers 5 reads a .model file through protobuf >= 4, which Streamlit 1.17 rules out: the same
+    # pieces and merges handed to its tokenizers-backed LlamaTokenizer.
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    sp = spm.SentencePieceProcessor(model_file=str(prefix) + ".model")
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    return LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), legacy=True)
 
 
 @pytest.fixture(scope="session")
 def trained(merged_model):
     """The briefly trained tiny model (30 LoRA steps, merged): answers shaped by training, not random."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    from transformers import AutoTokenizer
+
+    from core.families import CAUSAL, load_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_model), local_files_only=True)
-    return tokenizer, AutoModelForCausalLM.from_pretrained(str(merged_model), local_files_only=True).eval()
+    # float32 on both lanes: the merged weights are fp16 on disk, which transformers 5 would keep by default.
+    return tokenizer, load_model(merged_model, CAUSAL, torch_dtype=torch.float32).eval()

@@ -178,3 +178,39 @@ class RandomCausalLM(torch.nn.Module):
         cache = torch.zeros(batch, 1, total, 1)
         logits = torch.randn(batch, width, self.vocab_size, generator=self.generator)
         return type("Out", (), {"logits": logits, "past_key_values": ((cache, cache),)})()
+
+
+def favour_triples(lm, bias: float = 6.0):
+    """Lift the logits of tokens holding '{' so a briefly trained model writes triples (it would answer [])
+    and the spans it copies put many real choices through both ways. Both ways call the same output layer."""
+    from model.vocab import vocab_for
+
+    strings = vocab_for(lm.tokenizer).strings
+    head = lm.model.get_output_embeddings()
+    lift = torch.zeros(head.weight.shape[0])
+    lift[[i for i, s in enumerate(strings) if s and "{" in s]] = bias
+    return head.register_forward_hook(lambda module, args, out: out + lift.to(out.dtype))
+
+
+def assert_jump_forward_equals_generate(lm, examples, n: int = 8) -> None:
+    """model.decode_check on n comments and n sentences (favouring triples, so spans are compared, not only
+    the empty list): every answer token-identical to HF generate() under the same rules, in far fewer passes."""
+    from core.dataset import CLASSIFICATION, EXTRACTION
+    from model import decode_check
+    from model.parsing import parse_triples
+    from model.predict import generate_answers
+    from model.vocab import decode_answer
+
+    comments = [ex.text for ex in examples if ex.task == CLASSIFICATION][:n]
+    report = decode_check.compare(lm, comments, CLASSIFICATION, batch_size=4)
+    assert report["identical"] == report["n"] == len(comments), report["first_difference"]
+    sentences = [ex.text for ex in examples if ex.task == EXTRACTION][:n]
+    hook = favour_triples(lm)
+    try:
+        report = decode_check.compare(lm, sentences, EXTRACTION, batch_size=4)
+        assert report["identical"] == report["n"] == len(sentences), report["first_difference"]
+        assert 0 < report["passes"]["jump"] * 2 < report["passes"]["generate"], report["passes"]
+        answers = generate_answers(lm, sentences, EXTRACTION, batch_size=4)
+    finally:
+        hook.remove()
+    assert sum(len(parse_triples(decode_answer(lm.tokenizer, a.ids)).triples) for a in answers) > 0

@@ -10,42 +10,16 @@ import torch
 from core.dataset import CLASSIFICATION, DEV_FILE, EXTRACTION, read_jsonl
 from model import decode_check
 from model.load import load_merged
-from model.parsing import parse_triples
-from model.vocab import decode_answer, vocab_for
 from tests.doubles.build import DOUBLES
-
-
-def favour_triples(lm, bias: float = 6.0):
-    """Lift the logits of tokens holding '{' so a briefly trained double writes triples (it would answer [])
-    and the spans it copies put many real choices through both ways. Both ways call the same output layer."""
-    strings = vocab_for(lm.tokenizer).strings
-    head = lm.model.get_output_embeddings()
-    lift = torch.zeros(head.weight.shape[0])
-    lift[[i for i, s in enumerate(strings) if s and "{" in s]] = bias
-    return head.register_forward_hook(lambda module, args, out: out + lift.to(out.dtype))
+from tests.model.decoding_support import assert_jump_forward_equals_generate, favour_triples
 
 
 @pytest.mark.slow
+@pytest.mark.legacy_lane
 @pytest.mark.parametrize("kind", DOUBLES)
 def test_chatglm_jump_forward_gives_the_answers_of_generate(kind, double_merged, small_data):
     lm = load_merged(double_merged(kind), device="cpu")
-    examples = read_jsonl(small_data / DEV_FILE)
-    comments = [ex.text for ex in examples if ex.task == CLASSIFICATION][:8]
-    report = decode_check.compare(lm, comments, CLASSIFICATION, batch_size=4)
-    assert report["identical"] == report["n"] == len(comments), report["first_difference"]
-    sentences = [ex.text for ex in examples if ex.task == EXTRACTION][:8]
-    hook = favour_triples(lm)
-    try:
-        report = decode_check.compare(lm, sentences, EXTRACTION, batch_size=4)
-        assert report["identical"] == report["n"] == len(sentences), report["first_difference"]
-        assert report["passes"]["jump"] * 2 < report["passes"]["generate"], report["passes"]
-        # The answers hold triples, so spans were compared, not only the empty list.
-        from model.predict import generate_answers
-
-        answers = generate_answers(lm, sentences, EXTRACTION, batch_size=4)
-    finally:
-        hook.remove()
-    assert sum(len(parse_triples(decode_answer(lm.tokenizer, a.ids)).triples) for a in answers) > 0
+    assert_jump_forward_equals_generate(lm, read_jsonl(small_data / DEV_FILE))
 
 
 def test_decode_check_cli_passes_on_the_causal_model(merged_model, data_dir, capsys):

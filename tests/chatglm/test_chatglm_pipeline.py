@@ -4,21 +4,20 @@ predictions equal one-at-a-time, and every gold answer accepted by the grammar t
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
-import torch
 
 from core.dataset import DEV_FILE, TRAIN_FILE, read_jsonl
 from core.families import CHATGLM, CHATGLM2, family_of_dir, load_model, load_tokenizer
-from model import evaluate, grammar_check, label
+from model import evaluate, grammar_check
 from model.load import load_merged
-from model.predict import answer_confidence, generate_answers, predict, score_answer
+from model.predict import answer_confidence, generate_answers, score_answer
 from model.vocab import vocab_for
 from tests.doubles.build import DOUBLES
+from tests.pipeline_checks import assert_batched_equals_one_at_a_time, assert_labels_a_csv
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.legacy_lane]
 
 
 @pytest.mark.parametrize("kind", DOUBLES)
@@ -60,18 +59,7 @@ def test_train_merge_evaluate_label(kind, double_merged, small_data, tmp_path):
                                    "--output", str(tmp_path / "u.json")])
     assert unconstrained["n"] == 16  # ran to the end; a random model's free text need not parse
 
-    comments = [ex.text for ex in read_jsonl(dev) if ex.task == "classification"][:6]
-    source = tmp_path / "comments.csv"
-    with source.open("w", newline="", encoding="utf-8") as fh:
-        csv.writer(fh).writerows([["comment"]] + [[c] for c in comments])
-    out = tmp_path / "labelled.csv"
-    label.main(["--model", str(merged), "--input", str(source), "--output", str(out)])
-    with out.open(encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
-    labels = json.loads((merged / "schema.json").read_text())["labels"]
-    assert [r["comment"] for r in rows] == comments
-    assert all(r["category"] in labels and r["error"] == "" for r in rows)
-    assert all(0 < float(r["category_confidence"]) <= 1 for r in rows)
+    assert_labels_a_csv(merged, small_data / DEV_FILE, tmp_path)
 
 
 @pytest.mark.parametrize("kind", DOUBLES)
@@ -92,20 +80,7 @@ def test_confidence_through_generate_matches_the_answer_fed_back(kind, double_me
 @pytest.mark.parametrize("kind", DOUBLES)
 def test_batched_predictions_equal_one_at_a_time(kind, double_merged, small_data):
     lm = load_merged(double_merged(kind), device="cpu")
-    texts = [ex.text for ex in read_jsonl(small_data / DEV_FILE)][::2]
-    with torch.no_grad():
-        batched = predict(lm, texts, batch_size=8)
-        single = [predict(lm, [t], batch_size=1)[0] for t in texts]
-    def answer(p):  # Triple equality leaves out the confidence
-        return {k: v for k, v in vars(p).items() if k not in ("seconds", "category_confidence")}
-
-    def confidences(p):
-        return [p.category_confidence, *(t.confidence for t in p.triples)]
-
-    assert [answer(p) for p in batched] == [answer(p) for p in single]
-    # Padding changes the sums' order a little, never the answers.
-    for b, s in zip(batched, single, strict=True):
-        assert confidences(b) == pytest.approx(confidences(s), rel=1e-4)
+    assert_batched_equals_one_at_a_time(lm, [ex.text for ex in read_jsonl(small_data / DEV_FILE)][::2])
 
 
 @pytest.mark.parametrize("kind", DOUBLES)
