@@ -118,8 +118,9 @@ app: venv
 
 # CPU benchmarks (bench/README.md): each prints a RATIO line naming the family it measured, against a
 # baseline run in the same process; logs go to runs/bench/. Training and labelling on the causal tiny model
-# and on the ChatGLM-6B v1 and ChatGLM2 test doubles. The labelling models are trained once and kept in
-# runs/bench/models (bench.models; the first run adds ~14 min for that). The GPU one only dry-runs here.
+# and on the ChatGLM-6B v1 and ChatGLM2 test doubles (legacy lane), labelling on a Qwen3 tiny model (modern
+# lane, bench-modern). The labelling models are trained once and kept in
+# runs/bench/models (bench.models; the first run adds ~16 min for that). The GPU one only dry-runs here.
 BENCH_LOGS ?= runs/bench
 BENCH_FAMILIES := causal chatglm_v1 chatglm2
 # Per-family flags, expanded by make (a shell loop variable cannot name a make variable).
