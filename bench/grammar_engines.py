@@ -32,7 +32,6 @@ from bench.common import machine_line, set_threads
 from bench.models import FAMILIES, trained_model
 
 OURS, XGRAMMAR, LLGUIDANCE = "ours", "xgrammar", "llguidance"
-CUT: dict[str, int] = {}  # answers a library's way stopped at the budget (all rounds)
 
 
 @dataclass
@@ -182,8 +181,10 @@ class Engines:
         return LLGuidanceProcessor(matchers, self.vocab_size)
 
 
-def library_answers(lm, engines: Engines, engine: str, texts: list[str], task: str, batch_size: int) -> list[str]:
-    """Each text's answer through HF generate() with the library's processor, in input order."""
+def library_answers(lm, engines: Engines, engine: str, texts: list[str], task: str,
+                    batch_size: int) -> tuple[list[str], int]:
+    """Each text's answer through HF generate() with the library's processor, in input order, and how many
+    stopped at the budget."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -197,7 +198,7 @@ def library_answers(lm, engines: Engines, engine: str, texts: list[str], task: s
     rows = [prompt_ids(lm, t, task) for t in texts]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     answers = [""] * len(rows)
-    CUT[engine] = CUT.get(engine, 0)
+    cut = 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask, extra = left_padded_batch(lm, [rows[i] for i in chunk], pad_id)
@@ -208,22 +209,26 @@ def library_answers(lm, engines: Engines, engine: str, texts: list[str], task: s
                                     logits_processor=LogitsProcessorList([processor]), **extra)
         for i, ids in zip(chunk, answers_of(out, input_ids.shape[1], engines.end_id, pad_id), strict=True):
             answers[i] = vocab.decode_answer(tok, ids)
-            CUT[engine] += len(ids) >= budget
-    return answers
+            cut += len(ids) >= budget
+    return answers, cut
 
 
-def run_way(lm, engines, way: str, texts: list[str], batch_size: int) -> tuple[dict, float]:
+def run_way(lm, engines, way: str, texts: list[str], batch_size: int) -> tuple[dict, float, int]:
+    """(answers per task, seconds, answers stopped at the budget) of one way over the texts."""
     from core.dataset import TASKS
     from model.predict import generate_answers
 
     started = time.perf_counter()
-    answers = {}
+    answers, cut = {}, 0
     for task in TASKS:
         if way == OURS:
-            answers[task] = [a.text for a in generate_answers(lm, texts, task, batch_size=batch_size)]
+            generated = generate_answers(lm, texts, task, batch_size=batch_size)
+            answers[task] = [a.text for a in generated]
+            cut += sum(a.hit_limit for a in generated)
         else:
-            answers[task] = library_answers(lm, engines, way, texts, task, batch_size)
-    return answers, time.perf_counter() - started
+            answers[task], stopped = library_answers(lm, engines, way, texts, task, batch_size)
+            cut += stopped
+    return answers, time.perf_counter() - started, cut
 
 
 def main(argv=None) -> dict:
@@ -250,11 +255,11 @@ def main(argv=None) -> dict:
           f"batch {cfg.batch_size}; {cfg.rounds} rounds", flush=True)
     ways = [OURS, XGRAMMAR, LLGUIDANCE]
     seconds = {way: [] for way in ways}
-    answers = {}
+    answers, cut = {}, {}
     run_way(lm, engines, OURS, texts[:2], cfg.batch_size)  # warm-up: caches, first-call costs
     for r in range(cfg.rounds):
         for way in ways[r % 3:] + ways[: r % 3]:  # rotate the order so machine noise hits all alike
-            answers[way], took = run_way(lm, engines, way, texts, cfg.batch_size)
+            answers[way], took, cut[way] = run_way(lm, engines, way, texts, cfg.batch_size)
             seconds[way].append(took)
     results = {"n_texts": len(texts), "family": lm.family.name}
     for way in ways:
@@ -266,9 +271,9 @@ def main(argv=None) -> dict:
         rate = len(texts) / statistics.median(seconds[way])
         results[way] = {"identical_to_ours": same / total, "parse_rate": parsed / total, "comments_per_s": rate,
                         "seconds": seconds[way]}
-        cut = f"; stopped at the budget {CUT[way] / cfg.rounds:.0f}/{total}" if way in CUT else ""
+        stopped = f"; stopped at the budget {cut[way]}/{total}" if way != OURS else ""
         print(f"{way:10s} comments/s {rate:8.2f}  parse rate {parsed / total:6.1%}  answers identical to ours "
-              f"{same}/{total}{cut}", flush=True)
+              f"{same}/{total}{stopped}", flush=True)
     for way in (XGRAMMAR, LLGUIDANCE):
         ratios = sorted(b / a for a, b in zip(seconds[OURS], seconds[way], strict=True))
         print(f"RATIO label {cfg.family} comments/s ours/{way} = {statistics.median(ratios):.2f}x median of "

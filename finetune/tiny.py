@@ -24,13 +24,8 @@ from core.dataset import DEV_FILE, TRAIN_FILE
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 # The special tokens of each architecture's real tokenizer that the project relies on. unk only because a
 # word-level tokenizer needs one (the real Qwen/GLM tokenizers are byte-level and have none).
-ARCH_SPECIAL_TOKENS = {
-    "llama": SPECIAL_TOKENS,
-    "qwen2": {"pad": "<|endoftext|>", "unk": "<unk>", "bos": None, "eos": "<|endoftext|>"},
-    "qwen3": {"pad": "<|endoftext|>", "unk": "<unk>", "bos": None, "eos": "<|endoftext|>"},
-    "glm": {"pad": "<|endoftext|>", "unk": "<unk>", "bos": None, "eos": "<|endoftext|>"},
-    "glm4": {"pad": "<|endoftext|>", "unk": "<unk>", "bos": None, "eos": "<|endoftext|>"},
-}
+ENDOFTEXT_TOKENS = {"pad": "<|endoftext|>", "unk": "<unk>", "bos": None, "eos": "<|endoftext|>"}  # Qwen, GLM-4
+ARCH_SPECIAL_TOKENS = {"llama": SPECIAL_TOKENS} | {arch: ENDOFTEXT_TOKENS for arch in ("qwen2", "qwen3", "glm", "glm4")}
 ARCH_EXTRA_TOKENS = {"glm": ("[gMASK]", "<sop>"), "glm4": ("[gMASK]", "<sop>")}
 ARCHS = tuple(ARCH_SPECIAL_TOKENS)
 # Characters every tokenizer gets even if the data lacks them: ASCII and common CJK punctuation,

@@ -62,7 +62,7 @@ class CausalFeeder:
         self.stats = stats
         self.prefix_cache = prefix_cache
         self.head = _split_head(model)
-        self.runs = model if self.head is None else self.head[0]  # the module a pass calls
+        self.runs = pass_module(model)
         self.cache_keyword = compat.cache_keyword(self.runs)
         self.mask: torch.Tensor | None = None
         self.past = None
