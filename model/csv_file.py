@@ -218,6 +218,53 @@ def read_chunks(source: Source, width: int, size: int, skip: int) -> Iterator[li
             yield [fit_row(record, width) for record in chunk]
 
 
+@dataclass(frozen=True)
+class Block:
+    """A run of consecutive data rows of one file: the unit that model.label_ray labels, writes and resumes."""
+
+    index: int
+    first_row: int  # 0-based among the data rows (the header and blank lines not counted)
+    rows: int
+    start: int  # the text handle's tell() just before its first record: where read_block seeks to
+
+
+def _lines(handle) -> Iterator[str]:
+    """The handle's lines through readline(), not iteration, so handle.tell() stays usable between records."""
+    while line := handle.readline():
+        yield line
+
+
+def plan_blocks(source: Source, block_rows: int) -> list[Block]:
+    """The file's data rows cut into blocks of `block_rows` (the last one shorter), in one pass.
+
+    The csv module reads no further than the record it returns, so tell() after a record is where the next
+    one starts; it is asked once per block (tell() on a text handle re-decodes its buffer, too slow per row)."""
+    blocks: list[Block] = []
+    with source.path.open(encoding=source.encoding, newline="") as handle:
+        records = csv_records(_lines(handle))
+        next(records)  # the header
+        count, start = 0, handle.tell()
+        for _ in records:
+            count += 1
+            if count % block_rows == 0:
+                blocks.append(Block(len(blocks), count - block_rows, block_rows, start))
+                start = handle.tell()
+        if count % block_rows:
+            blocks.append(Block(len(blocks), count - count % block_rows, count % block_rows, start))
+    return blocks
+
+
+def read_block(source: Source, width: int, block: Block) -> list[tuple[list[str], str | None]]:
+    """The block's rows fitted to the header, as read_chunks gives them; a LabelError if the file changed."""
+    with source.path.open(encoding=source.encoding, newline="") as handle:
+        handle.seek(block.start)
+        rows = [fit_row(record, width) for record in islice(csv_records(_lines(handle)), block.rows)]
+    if len(rows) != block.rows:
+        raise LabelError(f"{source.path} changed while it was being labelled: block {block.index} "
+                         f"(rows {block.first_row + 1}-{block.first_row + block.rows}) has {len(rows)} rows now")
+    return rows
+
+
 # ---------------------------------------------------------------- writing
 
 

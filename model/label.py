@@ -56,6 +56,8 @@ run it as a formula (OWASP "CSV injection").
 Resume: the run writes OUT.partial and OUT.progress.json after every chunk; rerun the same command after
 an interruption and it continues where it stopped. OUT appears only when the run is complete.
 One run per output: OUT.lock is held while it runs, and a second run on the same OUT is refused.
+Many files or many model copies: --engine ray (a file, folder or glob of CSVs into a folder of block CSVs,
+on Ray Data; python -m model.label --engine ray --help).
 """
 
 
@@ -224,7 +226,8 @@ def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _chunk_rows(fitted: list[tuple[list[str], str | None]], labels: list[RowLabel]) -> list[list]:
+def output_rows(fitted: list[tuple[list[str], str | None]], labels: list[RowLabel]) -> list[list]:
+    """Output rows: the input cells, then the labeller's columns (the row's own warning joined to the model's)."""
     rows = []
     for (cells, row_warning), label in zip(fitted, labels, strict=True):
         warnings = "; ".join(w for w in (row_warning, label.warnings) if w)
@@ -299,7 +302,7 @@ def _label_csv(cfg, predict_fn, checked, log, on_progress, show_bar) -> LabelRes
             labels = label_texts([cells[text_index] for cells, _ in fitted], predict_fn, cfg.task_list, log,
                                  cfg.min_confidence)
             error_rows += sum(1 for label in labels if label.error)
-            handle.write(render_rows(_chunk_rows(fitted, labels)))
+            handle.write(render_rows(output_rows(fitted, labels)))
             handle.flush()
             os.fsync(handle.fileno())  # the progress file must never point past bytes that are on disk
             done += len(fitted)
@@ -329,10 +332,32 @@ def model_predictor(cfg: LabelConfig) -> PredictFn:
     return lambda texts: predict(lm, texts, tasks=cfg.task_list, batch_size=cfg.batch_size)
 
 
-def main(argv: list[str] | None = None, predict_fn: PredictFn | None = None) -> LabelResult:
-    """CLI entry. `predict_fn` replaces the model (tests, embedding); then --model is not loaded."""
+ENGINES = ("local", "ray", "ray-vllm")
+
+
+def split_engine(argv: list[str]) -> tuple[str, list[str]]:
+    """(--engine's value, the other arguments): each engine parses its own options (and --help)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--engine", choices=ENGINES, default="local")
+    known, rest = parser.parse_known_args(argv)
+    return known.engine, rest
+
+
+def main(argv: list[str] | None = None, predict_fn: PredictFn | None = None):
+    """CLI entry. `predict_fn` replaces the model (tests, embedding); then --model is not loaded.
+    --engine ray hands the run to model.label_ray (folders and globs of CSVs on Ray Data)."""
     from model.load import ModelLoadError
 
+    engine, argv = split_engine(sys.argv[1:] if argv is None else argv)
+    if engine == "ray":
+        from model.label_ray import main as ray_main
+
+        return ray_main(argv)
+    if engine == "ray-vllm":
+        raise SystemExit("error: --engine ray-vllm is not built yet (it needs vLLM on a GPU, on the modern lane); "
+                         "use --engine ray, which runs our own constrained decoding in each Ray actor")
     try:
         cfg = parse_config(LabelConfig, argv, DESCRIPTION)
         _log_stderr(f"config: {json.dumps(dataclasses.asdict(cfg), ensure_ascii=False)}")

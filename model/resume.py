@@ -40,6 +40,13 @@ def run_key(cfg: LabelConfig, source: Source, column: str) -> dict:
         "input_sha256": source.sha256,
         "encoding": source.encoding,
         "column": column,
+        **label_settings(cfg),
+    }
+
+
+def label_settings(cfg: LabelConfig) -> dict:
+    """The settings and the model that decide a labelled row's bytes (model.label_ray keys its blocks by them too)."""
+    return {
         "tasks": list(cfg.task_list),
         "chunk_rows": cfg.chunk_rows,
         "batch_size": cfg.batch_size,

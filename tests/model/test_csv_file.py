@@ -110,3 +110,50 @@ def test_neutralise(cell, expected):
     assert neutralise(cell) == expected
 
 
+
+
+# ---------------------------------------------------------------- blocks (model.label_ray's unit)
+
+
+def _awkward_csv(path: pathlib.Path, encoding: str, newline: str, bom: bool = False) -> pathlib.Path:
+    """Quoted commas, quotes and newlines, blank lines between records, a ragged row and an empty text."""
+    import codecs
+    import csv
+    import io
+    import random
+
+    rng = random.Random(encoding + newline)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator=newline)
+    writer.writerow(["id", "comment"])
+    for i in range(103):
+        writer.writerow([str(i), "".join(rng.choice('好的,\n"中文测试') for _ in range(rng.randint(0, 12)))])
+        if i % 9 == 0:
+            buffer.write(newline)  # a blank line: not a row
+        if i == 50:
+            writer.writerow(["50b", "多", "出来的"])
+    data = buffer.getvalue().encode(encoding)
+    path.write_bytes((codecs.BOM_UTF8 if bom else b"") + data)
+    return path
+
+
+@pytest.mark.parametrize("encoding,newline,bom", [("utf-8", "\n", False), ("utf-8", "\r\n", True),
+                                                  ("gbk", "\r\n", False)])
+def test_blocks_cover_the_rows_read_chunks_gives_in_order(tmp_path, encoding, newline, bom):
+    source = inspect_input(_awkward_csv(tmp_path / "in.csv", encoding, newline, bom))
+    whole = [row for chunk in csv_file.read_chunks(source, 2, 1000, skip=0) for row in chunk]
+    assert len(whole) == 104
+    for block_rows in (1, 7, 52, 104, 500):
+        blocks = csv_file.plan_blocks(source, block_rows)
+        assert [b.first_row for b in blocks] == list(range(0, 104, block_rows))
+        assert sum(b.rows for b in blocks) == 104 and all(b.rows <= block_rows for b in blocks)
+        assert [row for b in blocks for row in csv_file.read_block(source, 2, b)] == whole, block_rows
+
+
+def test_a_block_of_a_file_that_lost_rows_is_an_error_naming_it(tmp_path):
+    path = _awkward_csv(tmp_path / "in.csv", "utf-8", "\n")
+    source = inspect_input(path)
+    last = csv_file.plan_blocks(source, 100)[-1]
+    path.write_text("id,comment\n1,短\n", encoding="utf-8")
+    with pytest.raises(LabelError, match=r"in.csv changed while it was being labelled: block 1 \(rows 101-104\)"):
+        csv_file.read_block(source, 2, csv_file.Block(last.index, last.first_row, last.rows, 0))

@@ -26,6 +26,7 @@ from model import resume
 from model.csv_file import FORMULA_PREFIXES, LabelError
 from model.label import LabelConfig, label_csv, main
 from model.parsing import Triple
+from tests.model.conftest import gbk_encodable_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ("水果", "衣服", "酒店", "书籍")
@@ -103,16 +104,7 @@ def run(tmp_path: Path, input_path: Path, predict_fn=fake_predict, name: str = "
 @pytest.fixture(scope="module")
 def dev_texts(data_dir) -> list[str]:
     """Dev sentences that GBK can encode (so the same rows can be written in all three encodings)."""
-    from core.dataset import load_split
-
-    texts = []
-    for example in load_split(data_dir, "dev"):
-        try:
-            example.text.encode("gbk")
-        except UnicodeEncodeError:
-            continue
-        texts.append(example.text.strip())
-    return texts
+    return gbk_encodable_texts(data_dir, ("dev",))
 
 
 # ---------------------------------------------------------------- encodings and columns
