@@ -23,15 +23,15 @@ line per library (ours / theirs, median of the rounds with the spread).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
 
 from bench.common import machine_line, set_threads
 from bench.models import FAMILIES, trained_model
+from model.library_grammar import LLGUIDANCE, XGRAMMAR, library_grammar
 
-OURS, XGRAMMAR, LLGUIDANCE = "ours", "xgrammar", "llguidance"
+OURS = "ours"
 
 
 @dataclass
@@ -44,63 +44,6 @@ class EnginesConfig:
     model: str | None = None  # a merged model dir; default: the family's benchmark model (bench.models)
     models_root: str = "runs/bench/models"
     threads: int = 1
-
-
-def _lit(text: str) -> str:
-    """A string literal both grammar languages read (JSON escapes)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _json_chars(text: str) -> list[str]:
-    """The text's characters as they appear inside a JSON string of the answer (escaped where JSON escapes)."""
-    return [_escaped(ch) for ch in text]
-
-
-def _escaped(text: str) -> str:
-    """The text as it stands inside a JSON string of the answer (json.dumps, ensure_ascii=False)."""
-    return json.dumps(text, ensure_ascii=False)[1:-1]
-
-
-def _triple_alternatives(schema: dict, span: str) -> list[str]:
-    """One grammar sequence per predicate: the training format's keys in order, the predicate's own types."""
-    alternatives = []
-    for name, entry in schema["predicates"].items():
-        object_types = " | ".join(_lit(_escaped(t)) for t in entry["object_type"])
-        subject_types = " | ".join(_lit(_escaped(t)) for t in entry["subject_type"])
-        head = '{"predicate": "' + _escaped(name) + '", "object_type": "'
-        alternatives.append(" ".join([
-            _lit(head), f"({object_types})", _lit('", "subject_type": "'), f"({subject_types})",
-            _lit('", "object": "'), span, _lit('", "subject": "'), span, _lit('"}'),
-        ]))
-    return alternatives
-
-
-# What differs between xgrammar's EBNF and llguidance's Lark for the same grammar: the start rule's name,
-# the rule sign, and how a span (a substring of the text's characters) is written.
-DIALECTS = {
-    XGRAMMAR: {"start": "root", "is": " ::=", "span": "span",
-               "span_rule": lambda chars: "span ::= Substring(" + (", ".join(_lit(c) for c in chars) or '""') + ")"},
-    LLGUIDANCE: {"start": "start", "is": ":", "span": "SPAN",
-                 "span_rule": lambda chars: "SPAN: %regex " + json.dumps({"substring_chars": "".join(chars)},
-                                                                         ensure_ascii=False)},
-}
-
-
-def library_grammar(engine: str, schema: dict, task: str, text: str) -> str:
-    """Our training answer for one text as the library's grammar: the label set, or the triple format."""
-    from core.dataset import CLASSIFICATION, JSON_FENCE_CLOSE, JSON_FENCE_OPEN
-
-    d = DIALECTS[engine]
-    if task == CLASSIFICATION:
-        labels = " | ".join(_lit(_escaped(label)) for label in schema["labels"])
-        return f'{d["start"]}{d["is"]} "[\\"" ({labels}) "\\"]"'
-    triples = " | ".join(f"({alt})" for alt in _triple_alternatives(schema, d["span"]))
-    return "\n".join([
-        f'{d["start"]}{d["is"]} {_lit(JSON_FENCE_OPEN + "[")} (triple more)? {_lit("]" + JSON_FENCE_CLOSE)}',
-        f'more{d["is"]} ({_lit(", ")} triple more)?',
-        f'triple{d["is"]} {triples}',
-        d["span_rule"](_json_chars(text)),
-    ])
 
 
 class LLGuidanceProcessor:

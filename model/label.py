@@ -57,7 +57,7 @@ Resume: the run writes OUT.partial and OUT.progress.json after every chunk; reru
 an interruption and it continues where it stopped. OUT appears only when the run is complete.
 One run per output: OUT.lock is held while it runs, and a second run on the same OUT is refused.
 Many files or many model copies: --engine ray (a file, folder or glob of CSVs into a folder of block CSVs,
-on Ray Data; python -m model.label --engine ray --help).
+on Ray Data; python -m model.label --engine ray --help); --engine ray-vllm: the same with vLLM in each actor.
 """
 
 
@@ -351,13 +351,10 @@ def main(argv: list[str] | None = None, predict_fn: PredictFn | None = None):
     from model.load import ModelLoadError
 
     engine, argv = split_engine(sys.argv[1:] if argv is None else argv)
-    if engine == "ray":
+    if engine != "local":
         from model.label_ray import main as ray_main
 
-        return ray_main(argv)
-    if engine == "ray-vllm":
-        raise SystemExit("error: --engine ray-vllm is not built yet (it needs vLLM on a GPU, on the modern lane); "
-                         "use --engine ray, which runs our own constrained decoding in each Ray actor")
+        return ray_main([*argv, "--engine", engine])
     try:
         cfg = parse_config(LabelConfig, argv, DESCRIPTION)
         _log_stderr(f"config: {json.dumps(dataclasses.asdict(cfg), ensure_ascii=False)}")

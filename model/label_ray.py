@@ -86,6 +86,10 @@ class RayLabelConfig(LabelConfig):
         default=4096, metadata=_help("rows per block: the unit of work, output file and resume; a multiple of "
                                      "--chunk-rows (default 4096)")
     )
+    engine: str = field(
+        default="ray", metadata=_help("ray: our decoding in each actor; ray-vllm: vLLM in each actor (GPU, "
+                                      "requirements-vllm.txt; model/vllm_engine.py)", choices=["ray", "ray-vllm"])
+    )
     address: str | None = field(
         default=None, metadata=_help("Ray cluster to join, e.g. ray://head:10001 or auto (default: $RAY_ADDRESS, "
                                      "else a local Ray started for this run)")
@@ -206,9 +210,9 @@ def plan(cfg: RayLabelConfig, inputs: list[CheckedInput], names: list[str]) -> l
     for checked, name in zip(inputs, names, strict=True):
         source = checked.source
         for block in plan_blocks(source, cfg.block_rows):
-            identity = {"format": FORMAT, "settings": settings, "input_sha256": source.sha256, "size": source.size,
-                        "encoding": source.encoding, "header": checked.header, "text_index": checked.text_index,
-                        "block": [block.first_row, block.rows, block.start]}
+            identity = {"format": FORMAT, "engine": cfg.engine, "settings": settings, "input_sha256": source.sha256,
+                        "size": source.size, "encoding": source.encoding, "header": checked.header,
+                        "text_index": checked.text_index, "block": [block.first_row, block.rows, block.start]}
             key = hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
             tasks.append(BlockTask(str(source.path.resolve()), source.encoding, source.size, source.sha256,
                                    checked.header, checked.text_index, name, block.index, block.first_row,
@@ -222,6 +226,7 @@ def plan(cfg: RayLabelConfig, inputs: list[CheckedInput], names: list[str]) -> l
 def label_block(out_dir: Path, task: BlockTask, predict_fn: PredictFn, cfg: LabelConfig,
                 log: Callable[[str], None] = _log_stderr) -> dict:
     """Label one block into out_dir/task.file, then write its check; returns the check."""
+    started = time.time()
     source = Source(Path(task.input), task.encoding, task.size, task.sha256, 0)
     fitted = read_block(source, len(task.header), task.block)
     parts, error_rows = [codecs.BOM_UTF8 + render_rows([output_header(task.header)])], 0
@@ -234,7 +239,8 @@ def label_block(out_dir: Path, task: BlockTask, predict_fn: PredictFn, cfg: Labe
     data = b"".join(parts)
     atomic_write(out_dir / task.file, data)
     check = {"key": task.key, "file": task.file, "first_row": task.first_row, "rows": task.rows,
-             "error_rows": error_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+             "error_rows": error_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+             "started": started, "finished": time.time()}  # when, in seconds since the epoch (bench.label_ray)
     atomic_write_json(out_dir / task.check_file, check)  # after the block: a check never vouches for a missing file
     return check
 
@@ -260,7 +266,12 @@ class BlockLabeller:
         self.cfg = RayLabelConfig(**cfg)
         torch.set_num_threads(self.cfg.cpus_per_actor)
         self.out_dir = Path(out_dir)
-        self.predict_fn = model_predictor(self.cfg)
+        if self.cfg.engine == "ray-vllm":
+            from model.vllm_engine import vllm_predictor
+
+            self.predict_fn = vllm_predictor(self.cfg.model, self.cfg.task_list)
+        else:
+            self.predict_fn = model_predictor(self.cfg)
 
     def __call__(self, batch: dict) -> dict:
         checks = [label_block(self.out_dir, BlockTask.from_json(str(item)), self.predict_fn, self.cfg)
@@ -280,6 +291,11 @@ def worker_env(cfg: RayLabelConfig) -> dict:
 def resolve_resources(cfg: RayLabelConfig, cluster: dict, blocks: int) -> RayLabelConfig:
     """--gpus-per-actor and --actors filled from the cluster's resources; never more actors than blocks."""
     gpus = cfg.gpus_per_actor
+    if cfg.engine == "ray-vllm":
+        if not cluster.get("GPU", 0) or gpus == 0:
+            raise LabelError(f"--engine ray-vllm needs a GPU per actor; the Ray cluster has {cluster.get('GPU', 0):g} "
+                             f"GPU(s){' and --gpus-per-actor is 0' if gpus == 0 else ''}. Use --engine ray on CPUs")
+        gpus = 1.0 if gpus is None else gpus
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
     actors = cfg.actors
@@ -327,6 +343,7 @@ def run_on_ray(cfg: RayLabelConfig, out_dir: Path, todo: list[BlockTask], log: C
             BlockLabeller, fn_constructor_kwargs={"cfg": dataclasses.asdict(cfg), "out_dir": str(out_dir)},
             batch_size=1, concurrency=cfg.actors, num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor,
         )
+        # One row per finished block; Ray Data hands each over about one block late (its pipelining).
         with tqdm(total=sum(t.rows for t in todo), unit="rows", desc="labelling", disable=not show_bar,
                   file=sys.stderr) as bar:
             for row in labelled.iter_rows():
@@ -380,7 +397,7 @@ def manifest(cfg: RayLabelConfig, inputs: list[CheckedInput], tasks: list[BlockT
                   for t, c in zip(tasks, checks, strict=True) if t.input == path]
         files.append({"input": path, "encoding": checked.source.encoding, "sha256": checked.source.sha256,
                       "column": checked.column, "rows": sum(b["rows"] for b in blocks), "blocks": blocks})
-    return {"format": FORMAT, "engine": "ray", "complete": True, "settings": label_settings(cfg),
+    return {"format": FORMAT, "engine": cfg.engine, "complete": True, "settings": label_settings(cfg),
             "block_rows": cfg.block_rows, "rows": sum(c["rows"] for c in checks),
             "error_rows": sum(c["error_rows"] for c in checks), "seconds": round(seconds, 1), "inputs": files}
 
@@ -397,6 +414,10 @@ def label_files(cfg: RayLabelConfig, log: Callable[[str], None] = _log_stderr, s
     files = resolve_inputs(cfg.input, out_dir)
     check_output_dir(out_dir)
     check_model_dir(Path(cfg.model))
+    if cfg.engine == "ray-vllm":
+        from model.vllm_engine import check_vllm_usable
+
+        check_vllm_usable(cfg.model)
     inputs = [check_input(inspect_input(f), cfg.column) for f in files]  # every file, before anything is made
     try:  # before Ray starts and the models load: the blocks roughly take the inputs' size plus the new columns
         check_writable(out_dir, need_bytes=2 * sum(f.stat().st_size for f in files) + (1 << 20))

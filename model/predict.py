@@ -269,8 +269,10 @@ def predict(
     constrained: bool = True,
     phrasing: dict[str, str] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    generate: Callable[..., list[Answer]] | None = None,
 ) -> list[Prediction]:
-    """One Prediction per text, in order. Empty texts get an error, never an exception."""
+    """One Prediction per text, in order. Empty texts get an error, never an exception.
+    `generate`: another engine's generate_answers (model.vllm_engine); the prompts, parsing and columns stay ours."""
     started = time.time()
     predictions = []
     for raw_text in texts:
@@ -286,7 +288,7 @@ def predict(
             on_progress(done, total_steps)
 
     for task in tasks:
-        answers = generate_answers(
+        answers = (generate or generate_answers)(
             lm, [predictions[i].text for i in valid], task, batch_size, constrained,
             phrasing=(phrasing or {}).get(task), on_batch=progress,
         )

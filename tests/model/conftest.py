@@ -35,19 +35,6 @@ def dev_texts(data_dir) -> list[str]:
     return texts[::step][:20]
 
 
-def gbk_encodable_texts(data_dir, splits: tuple[str, ...]) -> list[str]:
-    """The reference texts of `splits` that GBK can encode, so the same rows can be written in any encoding."""
-    texts = []
-    for split in splits:
-        for example in load_split(data_dir, split):
-            try:
-                example.text.encode("gbk")
-            except UnicodeEncodeError:
-                continue
-            texts.append(example.text.strip())
-    return texts
-
-
 @pytest.fixture
 def one_torch_thread():
     """The tiny model's matrices are too small to gain from threads, which only contend on a busy CI box."""

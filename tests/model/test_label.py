@@ -26,7 +26,7 @@ from model import resume
 from model.csv_file import FORMULA_PREFIXES, LabelError
 from model.label import LabelConfig, label_csv, main
 from model.parsing import Triple
-from tests.model.conftest import gbk_encodable_texts
+from tests.model.texts import gbk_encodable_texts
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ("水果", "衣服", "酒店", "书籍")
