@@ -118,8 +118,9 @@ app: venv
 
 # CPU benchmarks (bench/README.md): each prints a RATIO line naming the family it measured, against a
 # baseline run in the same process; logs go to runs/bench/. Training and labelling on the causal tiny model
-# and on the ChatGLM-6B v1 and ChatGLM2 test doubles (legacy lane), labelling on a Qwen3 tiny model (modern
-# lane, bench-modern). The labelling models are trained once and kept in
+# and on the ChatGLM-6B v1 and ChatGLM2 test doubles (legacy lane), labelling on Ray Data with 1 and 2 CPU actors
+# against the single-process CLI (bench.label_ray), labelling on a Qwen3 tiny model (modern lane, bench-modern).
+# The labelling models are trained once and kept in
 # runs/bench/models (bench.models; the first run adds ~16 min for that). The GPU one only dry-runs here.
 BENCH_LOGS ?= runs/bench
 BENCH_FAMILIES := causal chatglm_v1 chatglm2
@@ -138,12 +139,14 @@ bench: venv data
 		$(PY) -m bench.label_throughput --family $$family 2>&1 | tee $(BENCH_LOGS)/label_throughput_$$family.log \
 			|| exit 1; done
 	set -o pipefail; $(PY) -m bench.label_memory 2>&1 | tee $(BENCH_LOGS)/label_memory.log
+	set -o pipefail; $(PY) -m bench.label_ray 2>&1 | tee $(BENCH_LOGS)/label_ray.log
 	set -o pipefail; $(PY) -m bench.gpu.run_gpu_bench --dry-run 2>&1 | tee $(BENCH_LOGS)/gpu_dry_run.log
 	$(MAKE) --no-print-directory bench-modern LANE=modern
 	@echo; echo "== benchmark ratios (logs in $(BENCH_LOGS)/) =="; \
 	for family in $(BENCH_FAMILIES); do grep -h "^RATIO" $(BENCH_LOGS)/train_throughput_$$family.log; done; \
 	for family in $(BENCH_FAMILIES); do grep -h "^RATIO" $(BENCH_LOGS)/label_throughput_$$family.log; done; \
-	grep -h "^RATIO" $(BENCH_LOGS)/label_memory.log; grep -h "^RATIO" $(BENCH_LOGS)/label_throughput_qwen3.log
+	grep -h "^RATIO" $(BENCH_LOGS)/label_memory.log; grep -h "^RATIO" $(BENCH_LOGS)/label_ray.log; \
+	grep -h "^RATIO" $(BENCH_LOGS)/label_throughput_qwen3.log
 
 # The modern lane's labelling ratio, on a Qwen3 tiny model (trained once, as the others).
 bench-modern: venv data
