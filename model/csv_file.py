@@ -289,6 +289,11 @@ def output_header(header: Sequence[str]) -> list[str]:
     return list(header) + added
 
 
+def header_bytes(header: Sequence[str]) -> bytes:
+    """How every labelled CSV starts: the UTF-8 BOM (Excel reads the Chinese text right) and the output header."""
+    return codecs.BOM_UTF8 + render_rows([output_header(header)])
+
+
 def render_rows(rows: Sequence[Sequence[str]]) -> bytes:
     """CSV bytes (UTF-8, CRLF as RFC 4180 and Excel expect), every cell neutralised."""
     buffer = io.StringIO()

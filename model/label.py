@@ -13,7 +13,6 @@ chunk boundary), so even a model whose answers depend on batch composition gives
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
 import os
@@ -31,8 +30,8 @@ from model.csv_file import (
     CheckedInput,
     LabelError,
     check_input,
+    header_bytes,
     inspect_input,
-    output_header,
     read_chunks,
     render_rows,
 )
@@ -226,6 +225,15 @@ def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def label_chunk(fitted: list[tuple[list[str], str | None]], text_index: int, predict_fn: PredictFn, cfg: LabelConfig,
+                log: Callable[[str], None]) -> tuple[bytes, int]:
+    """A chunk of rows labelled and rendered as output CSV bytes, and how many of its rows carry an error.
+    The one step both engines take per chunk (this CLI and model.label_ray's blocks), so their bytes agree."""
+    labels = label_texts([cells[text_index] for cells, _ in fitted], predict_fn, cfg.task_list, log,
+                         cfg.min_confidence)
+    return render_rows(output_rows(fitted, labels)), sum(1 for label in labels if label.error)
+
+
 def output_rows(fitted: list[tuple[list[str], str | None]], labels: list[RowLabel]) -> list[list]:
     """Output rows: the input cells, then the labeller's columns (the row's own warning joined to the model's)."""
     rows = []
@@ -297,12 +305,11 @@ def _label_csv(cfg, predict_fn, checked, log, on_progress, show_bar) -> LabelRes
             handle.truncate(offset)  # drops whatever a killed run wrote after its last complete chunk
             handle.seek(offset)
         else:
-            handle.write(codecs.BOM_UTF8 + render_rows([output_header(header)]))
+            handle.write(header_bytes(header))
         for fitted in read_chunks(source, len(header), cfg.chunk_rows, skip=done):
-            labels = label_texts([cells[text_index] for cells, _ in fitted], predict_fn, cfg.task_list, log,
-                                 cfg.min_confidence)
-            error_rows += sum(1 for label in labels if label.error)
-            handle.write(render_rows(output_rows(fitted, labels)))
+            data, errors = label_chunk(fitted, text_index, predict_fn, cfg, log)
+            error_rows += errors
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())  # the progress file must never point past bytes that are on disk
             done += len(fitted)

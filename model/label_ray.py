@@ -19,7 +19,6 @@ One run per folder: OUT.lock (beside the folder, as the single-process CLI's OUT
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import glob
 import hashlib
@@ -41,13 +40,12 @@ from model.csv_file import (
     LabelError,
     Source,
     check_input,
+    header_bytes,
     inspect_input,
-    output_header,
     plan_blocks,
     read_block,
-    render_rows,
 )
-from model.label import LabelConfig, PredictFn, _help, label_texts, model_predictor, output_rows
+from model.label import LabelConfig, PredictFn, _help, label_chunk, model_predictor
 from model.resume import label_settings
 
 MANIFEST = "manifest.json"
@@ -229,13 +227,11 @@ def label_block(out_dir: Path, task: BlockTask, predict_fn: PredictFn, cfg: Labe
     started = time.time()
     source = Source(Path(task.input), task.encoding, task.size, task.sha256, 0)
     fitted = read_block(source, len(task.header), task.block)
-    parts, error_rows = [codecs.BOM_UTF8 + render_rows([output_header(task.header)])], 0
+    parts, error_rows = [header_bytes(task.header)], 0
     for at in range(0, len(fitted), cfg.chunk_rows):  # the CLI's chunks: answers cannot depend on the engine
-        chunk = fitted[at: at + cfg.chunk_rows]
-        labels = label_texts([cells[task.text_index] for cells, _ in chunk], predict_fn, cfg.task_list, log,
-                             cfg.min_confidence)
-        error_rows += sum(1 for label in labels if label.error)
-        parts.append(render_rows(output_rows(chunk, labels)))
+        chunk, errors = label_chunk(fitted[at: at + cfg.chunk_rows], task.text_index, predict_fn, cfg, log)
+        parts.append(chunk)
+        error_rows += errors
     data = b"".join(parts)
     atomic_write(out_dir / task.file, data)
     check = {"key": task.key, "file": task.file, "first_row": task.first_row, "rows": task.rows,
